@@ -1,0 +1,129 @@
+"""Cross-entropies, the ACT loss head and its metrics (SPEC §5).
+
+Precision: the original computes the stablemax cross-entropy in float64. Here
+every loss is computed in float64 when ``jax_enable_x64`` is on and in
+float32 otherwise (the default; GPUs are slow at float64, and float32 agrees
+with the original's numbers to ~1e-6 relative on the golden cases).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from trm_jax import act
+from trm_jax.models import trm
+
+IGNORE_LABEL = -100
+
+
+def loss_dtype() -> jnp.dtype:
+  """float64 with ``jax_enable_x64``, else float32."""
+  return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def log_stablemax(logits: jax.Array, axis: int = -1) -> jax.Array:
+  """log(s(x) / sum s(x)) with s(x) = 1/(1-x) for x < 0, else x + 1."""
+  x = logits.astype(loss_dtype())
+  s_x = jnp.where(x < 0, 1.0 / (1.0 - x), x + 1.0)
+  return jnp.log(s_x) - jnp.log(jnp.sum(s_x, axis=axis, keepdims=True))
+
+
+def stablemax_cross_entropy(logits_BxSxV: jax.Array, labels_BxS: jax.Array) -> jax.Array:
+  """Per-position stablemax CE ``[B, S]``; 0 where the label is ``IGNORE_LABEL``."""
+  return _gather_nll(log_stablemax(logits_BxSxV), labels_BxS)
+
+
+def softmax_cross_entropy(logits_BxSxV: jax.Array, labels_BxS: jax.Array) -> jax.Array:
+  """Per-position softmax CE ``[B, S]``; 0 where the label is ``IGNORE_LABEL``."""
+  return _gather_nll(jax.nn.log_softmax(logits_BxSxV.astype(loss_dtype()), axis=-1), labels_BxS)
+
+
+def _gather_nll(logprobs_BxSxV: jax.Array, labels_BxS: jax.Array) -> jax.Array:
+  valid = labels_BxS != IGNORE_LABEL
+  safe_labels = jnp.where(valid, labels_BxS, 0)
+  picked = jnp.take_along_axis(logprobs_BxSxV, safe_labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return -jnp.where(valid, picked, 0.0)
+
+
+CROSS_ENTROPIES = {
+    "stablemax_cross_entropy": stablemax_cross_entropy,
+    "softmax_cross_entropy": softmax_cross_entropy,
+}
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Elementwise, numerically stable: max(x,0) - x*t + log(1 + exp(-|x|))."""
+  x = logits.astype(loss_dtype())
+  t = targets.astype(loss_dtype())
+  return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def act_loss(config: trm.TRMConfig, params: Mapping[str, Any], puzzle_rows_BxE: jax.Array | None,
+             carry: act.Carry, *, train: bool, rng: jax.Array | None = None
+             ) -> tuple[jax.Array, tuple[act.Carry, dict[str, jax.Array], dict[str, jax.Array]]]:
+  """The ACT loss head on a reset carry: ``loss, (new_carry, metrics, outputs)``.
+
+  ``loss`` is summed over all rows, halted or not (the train step divides it by
+  the global batch size). ``metrics`` are raw sums over the rows that are
+  halted after this call and have at least one label: ``count``,
+  ``accuracy``, ``exact_accuracy``, ``q_halt_accuracy``, ``steps``, plus the
+  summed ``lm_loss``, ``q_halt_loss`` (and ``q_continue_loss``). ``outputs``
+  adds ``preds [B, S]`` to the forward's outputs.
+  """
+  new_carry, outputs = act.act_forward(config, params, puzzle_rows_BxE, carry, train=train, rng=rng)
+  labels_BxS = new_carry.current_data["labels"]
+  logits_BxSxV = outputs["logits"]
+
+  mask_BxS = labels_BxS != IGNORE_LABEL
+  counts_B = mask_BxS.sum(-1)
+  divisor_B = jnp.maximum(counts_B, 1).astype(loss_dtype())
+  preds_BxS = jnp.argmax(logits_BxSxV, axis=-1).astype(jnp.int32)
+  correct_BxS = mask_BxS & (preds_BxS == labels_BxS)
+  seq_correct_B = correct_BxS.sum(-1) == counts_B
+
+  ce_BxS = CROSS_ENTROPIES[config.loss_type](logits_BxSxV, labels_BxS)
+  lm_loss = jnp.sum(ce_BxS.sum(-1) / divisor_B)
+  q_halt_loss = jnp.sum(binary_cross_entropy_with_logits(outputs["q_halt_logits"], seq_correct_B))
+  loss = lm_loss + 0.5 * q_halt_loss
+  metrics = {"lm_loss": lm_loss, "q_halt_loss": q_halt_loss}
+  if "target_q_continue" in outputs:
+    q_continue_loss = jnp.sum(binary_cross_entropy_with_logits(outputs["q_continue_logits"],
+                                                               outputs["target_q_continue"]))
+    loss = loss + 0.5 * q_continue_loss
+    metrics["q_continue_loss"] = q_continue_loss
+
+  valid_B = new_carry.halted & (counts_B > 0)
+  q_halt_B = jax.lax.stop_gradient(outputs["q_halt_logits"])
+  metrics.update({
+      "count": valid_B.sum(dtype=jnp.int32),
+      "accuracy": jnp.sum(jnp.where(valid_B, correct_BxS.sum(-1).astype(jnp.float32) /
+                                    jnp.maximum(counts_B, 1).astype(jnp.float32), 0.0)),
+      "exact_accuracy": (valid_B & seq_correct_B).sum(dtype=jnp.int32),
+      "q_halt_accuracy": (valid_B & ((q_halt_B >= 0) == seq_correct_B)).sum(dtype=jnp.int32),
+      "steps": jnp.where(valid_B, new_carry.steps, 0).sum(dtype=jnp.int32),
+  })
+  metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
+  outputs = {**outputs, "preds": preds_BxS}
+  return loss, (new_carry, metrics, outputs)
+
+
+def gather_puzzle_rows(config: trm.TRMConfig, puzzle_emb_NxE: jax.Array, carry: act.Carry) -> jax.Array | None:
+  """The puzzle-embedding rows of the carry's current data, ``[B, puzzle_emb_ndim]``."""
+  if not config.puzzle_emb_ndim:
+    return None
+  return jnp.take(puzzle_emb_NxE, carry.current_data["puzzle_identifiers"].astype(jnp.int32), axis=0)
+
+
+def act_call(config: trm.TRMConfig, params: Mapping[str, Any], puzzle_emb_NxE: jax.Array, carry: act.Carry,
+             batch: Mapping[str, jax.Array], *, train: bool, rng: jax.Array | None = None
+             ) -> tuple[act.Carry, jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+  """One whole ACT call, as the original model's forward with its loss head:
+  reset, gather the puzzle rows, recurse, halt. Returns
+  ``(new_carry, loss, metrics, outputs)``."""
+  carry = act.reset_carry(config, params, carry, batch)
+  rows = gather_puzzle_rows(config, puzzle_emb_NxE, carry)
+  loss, (new_carry, metrics, outputs) = act_loss(config, params, rows, carry, train=train, rng=rng)
+  return new_carry, loss, metrics, outputs
