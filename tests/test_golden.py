@@ -27,6 +27,20 @@ def test_shared_model_files_present():
   assert {"trm_attn_rope.npz", "trm_mlp_t.npz", "trm_attn_learned.npz"} <= names
 
 
+def test_adam_atan2_file(capsys):
+  assert golden.main([str(conftest.GOLDEN_DIR / "adam_atan2.npz")]) == 0
+  line = capsys.readouterr().out
+  assert "adam_atan2.npz: OK" in line and "params.float64" in line and "params.float32" in line
+
+
+def test_adam_atan2_file_errors(tmp_path):
+  data = dict(np.load(conftest.GOLDEN_DIR / "adam_atan2.npz"))
+  del data["grad3"]
+  np.savez(tmp_path / "adam.npz", **data)
+  with pytest.raises(golden.GoldenFormatError, match="grad3"):
+    golden.check_file(tmp_path / "adam.npz")
+
+
 def test_stablemax_file():
   report = golden.check_file(conftest.GOLDEN_DIR / "stablemax_ce.npz")
   assert report.ok, report.line("stablemax_ce.npz")

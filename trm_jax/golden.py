@@ -27,6 +27,7 @@ import numpy as np
 
 from trm_jax import act
 from trm_jax import losses
+from trm_jax import optim
 from trm_jax import weights
 from trm_jax.models import trm
 
@@ -63,6 +64,11 @@ class GoldenFile:
     except Exception as e:  # zip/npz parsing errors
       raise GoldenFormatError(f"{self.path}: not a readable .npz file ({e})") from None
     self.keys = set(self._data.files)
+
+  @property
+  def data(self) -> Any:
+    """The underlying npz mapping."""
+    return self._data
 
   def __contains__(self, key: str) -> bool:
     return key in self.keys
@@ -261,8 +267,21 @@ def check_stablemax_file(golden: GoldenFile) -> Report:
   return report
 
 
+def check_adam_atan2_file(golden: GoldenFile) -> Report:
+  """The project's AdamATan2 replayed on the file's steps, in float64 and float32."""
+  report = Report()
+  for dtype, limit in optim.ADAM_ATAN2_GOLDEN_TOLERANCE.items():
+    try:
+      errors = optim.check_adam_atan2_golden(golden.data, dtype=dtype)
+    except ValueError as e:
+      raise GoldenFormatError(f"{golden.path.name}: {e}") from None
+    report.add(f"params.{dtype}", max(errors.values()), limit)
+  return report
+
+
 CHECKERS: list[tuple[str, Callable[..., Report]]] = [
     ("config_json", check_model_file),
+    ("hparams_json", check_adam_atan2_file),
     ("logits", check_stablemax_file),
 ]
 

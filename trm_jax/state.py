@@ -1,0 +1,62 @@
+"""The training state: one pytree with everything an update changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from trm_jax import optim
+from trm_jax.models import trm
+
+# Dense parameters the optimiser never touches: the fixed initial states.
+FROZEN_PARAMS = ("H_init", "L_init")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes (the ACT carry travels beside it).
+
+  ``ema_params`` is None when EMA is off. ``rng`` is the run's base key (raw
+  uint32 key data, which checkpoints as a plain array); a step's key is
+  ``fold_in(rng, step)``.
+  """
+  step: jax.Array  # int32 []: updates made so far
+  params: Any  # dense parameters, float32
+  puzzle_emb: jax.Array  # [num_puzzle_identifiers, puzzle_emb_ndim] float32
+  opt_state: optax.OptState  # state of the dense optimiser
+  ema_params: Any | None
+  rng: jax.Array  # uint32 [2]
+
+
+def trainable_mask(params: Any) -> Any:
+  """False for the frozen initial states, True for every other dense leaf."""
+  return {k: (jax.tree.map(lambda _: k not in FROZEN_PARAMS, v)) for k, v in params.items()}
+
+
+def create_train_state(model: trm.TRMConfig, optimizers: optim.Optimizers, seed: int, *,
+                       ema: bool) -> TrainState:
+  """Initial state for ``seed`` (pure: jit it with ``out_shardings`` to build it sharded)."""
+  rng = jax.random.PRNGKey(seed)
+  init_rng, run_rng = jax.random.split(rng)
+  params = trm.init_params(model, init_rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      puzzle_emb=trm.init_puzzle_emb(model),
+      opt_state=optimizers.dense.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+      rng=run_rng,
+  )
+
+
+def eval_params(state: TrainState) -> Any:
+  """The dense parameters to evaluate and export: the EMA copy when there is one.
+
+  As the original, only the trained dense parameters are averaged; the puzzle
+  embedding table is used as it is.
+  """
+  return state.ema_params if state.ema_params is not None else state.params
