@@ -38,15 +38,22 @@ def trainable_mask(params: Any) -> Any:
 
 
 def create_train_state(model: trm.TRMConfig, optimizers: optim.Optimizers, seed: int, *,
-                       ema: bool) -> TrainState:
-  """Initial state for ``seed`` (pure: jit it with ``out_shardings`` to build it sharded)."""
+                       ema: bool, puzzle_emb_rows: int | None = None) -> TrainState:
+  """Initial state for ``seed`` (pure: jit it with ``out_shardings`` to build it sharded).
+
+  ``puzzle_emb_rows`` (>= ``num_puzzle_identifiers``) pads the table with zero
+  rows so that it splits evenly over the devices; no id reaches the padding.
+  """
   rng = jax.random.PRNGKey(seed)
   init_rng, run_rng = jax.random.split(rng)
   params = trm.init_params(model, init_rng)
+  rows = model.num_puzzle_identifiers if puzzle_emb_rows is None else puzzle_emb_rows
+  if rows < model.num_puzzle_identifiers:
+    raise ValueError(f"puzzle_emb_rows={rows} < num_puzzle_identifiers={model.num_puzzle_identifiers}")
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      puzzle_emb=trm.init_puzzle_emb(model),
+      puzzle_emb=jnp.zeros((rows, model.puzzle_emb_ndim), jnp.float32),
       opt_state=optimizers.dense.init(params),
       ema_params=jax.tree.map(jnp.copy, params) if ema else None,
       rng=run_rng,

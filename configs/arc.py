@@ -1,0 +1,29 @@
+"""ARC-AGI (SPEC §10): attention + RoPE, 4 GPUs in the paper.
+
+Variants: ``configs/arc.py:arc1`` (default; ARC-AGI-1 data) and
+``configs/arc.py:arc2`` (ARC-AGI-2 data).
+"""
+
+from configs import default
+
+DATA_PATHS = {"arc1": "data/arc1concept-aug-1000", "arc2": "data/arc2concept-aug-1000"}
+
+
+def get_config(arg: str | None = None):
+  arg = arg or "arc1"
+  if arg not in DATA_PATHS:
+    raise ValueError(f"configs/arc.py: unknown variant {arg!r}; expected one of {sorted(DATA_PATHS)}")
+  c = default.get_config()
+  c.data_path = DATA_PATHS[arg]
+  c.epochs = 100000
+  c.eval_interval = 10000
+  c.lr = 1e-4
+  c.puzzle_emb_lr = 1e-2
+  c.weight_decay = 0.1
+  c.puzzle_emb_weight_decay = 0.1
+  c.ema = True
+  c.model.L_cycles = 4
+  c.evaluators = "arc"
+  c.best_metric = "ARC/pass@2"
+  c.lock()
+  return c

@@ -1,0 +1,22 @@
+"""Maze-Hard 1k (SPEC §10): attention + RoPE, 4 GPUs in the paper."""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  if arg:
+    raise ValueError(f"configs/maze.py takes no variant, got {arg!r}")
+  c = default.get_config()
+  c.data_path = "data/maze-30x30-hard-1k"
+  c.epochs = 50000
+  c.eval_interval = 5000
+  c.lr = 1e-4
+  c.puzzle_emb_lr = 1e-4
+  c.weight_decay = 1.0
+  c.puzzle_emb_weight_decay = 1.0
+  c.ema = True
+  c.model.L_cycles = 4
+  c.evaluators = "maze"
+  c.best_metric = "all/exact_accuracy"
+  c.lock()
+  return c

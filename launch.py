@@ -1,0 +1,68 @@
+r"""Trains, evaluates or predicts with TRM.
+
+  python launch.py --config=configs/arc.py --workdir=runs/arc1
+  python launch.py --config=configs/sudoku.py:att --config.lr=3e-4 --workdir=runs/sudoku_att
+  python launch.py --config=configs/arc.py --workdir=runs/arc1 --mode=eval
+  python launch.py --config=configs/arc.py --workdir=runs/arc1 --mode=predict \
+      --input=arc-agi_test_challenges.json --output=submission.json
+
+Re-running a train command with the same --workdir resumes the run.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", "configs/quickstart.py", "Config file, optionally with a variant: configs/x.py[:arg].",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, outputs). "
+                    "Default: runs/<config name>[_<variant>].")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                  "train (or resume); eval a checkpoint; predict an ARC challenges file.")
+flags.DEFINE_string("checkpoint", "latest", "eval/predict: 'latest', 'best' or a step number.")
+flags.DEFINE_string("input", None, "predict: an ARC challenges JSON (arc-agi_<subset>_challenges.json).")
+flags.DEFINE_string("output", None, "predict: where to write submission.json "
+                    "(default <workdir>/predict/submission.json).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or set by the cluster).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+if __name__ != "__main__":
+  # grain's worker processes re-import this module as __mp_main__ and may read
+  # flags: they must not find them unparsed.
+  FLAGS.mark_as_parsed()
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, variant = config_arg.partition(":")
+  name = path.rsplit("/", 1)[-1].removesuffix(".py")
+  return f"runs/{name}_{variant}" if variant else f"runs/{name}"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from trm_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]) +
+                                             (":" + FLAGS["config"].value.get("_arg", "") if False else ""))
+  try:
+    train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, workdir)
+    elif FLAGS.mode == "eval":
+      train.evaluate_checkpoint(FLAGS.config, workdir, checkpoint=FLAGS.checkpoint)
+    else:
+      if not FLAGS.input:
+        raise train.UserError("--mode=predict needs --input=<ARC challenges JSON>")
+      train.predict(FLAGS.config, workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint)
+  except train.USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

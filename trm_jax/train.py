@@ -1,0 +1,457 @@
+"""The training loop: ``train_and_evaluate(config, workdir)`` and its siblings.
+
+A run is built in two phases. ``setup`` checks everything a user can get
+wrong (the dataset, the batch size against the devices, the schedule, a
+checkpoint from another config) before anything is compiled, and raises a
+``UserError`` naming the problem. Then the state is created sharded
+(``eval_shape`` -> shardings -> jitted init) or restored from the latest
+checkpoint, and the loop runs one jitted ``train_step`` per batch, evaluating
+after every pass of ``eval_interval`` epochs (SPEC §6, §9).
+
+Stopping: SIGTERM or SIGINT finish the current step, save a checkpoint and
+return; re-running the same command resumes from it (bit-identical to an
+uninterrupted run on a CPU). A non-finite loss raises ``NonFiniteLossError``
+naming the step, without saving: the last good checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_prep import common as data_common
+from trm_jax import act
+from trm_jax import checkpoint as checkpoint_lib
+from trm_jax import data as data_lib
+from trm_jax import datasets
+from trm_jax import evaluate as evaluate_lib
+from trm_jax import monitor as monitor_lib
+from trm_jax import optim
+from trm_jax import sharding
+from trm_jax import state as state_lib
+from trm_jax import steps
+from trm_jax import weights
+from trm_jax.models import trm
+
+
+class UserError(Exception):
+  """A mistake in the config, the data or the command line (reported without a traceback)."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+USER_ERRORS = (UserError, data_common.DatasetFormatError, checkpoint_lib.IncompatibleCheckpointError)
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """``jax.distributed.initialize`` from flags, or from the cluster environment when it has one."""
+  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+    return
+  env_says_multi = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                                                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
+  if coordinator_address or (num_processes and num_processes > 1):
+    if coordinator_address is None or num_processes is None or process_id is None:
+      raise UserError("multi-host: pass all of --coordinator_address, --num_processes and --process_id "
+                      "(or none of them and let the cluster environment provide them)")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  elif env_says_multi and int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+    jax.distributed.initialize()
+
+
+# ---------------------------------------------------------------------------
+# Setup: everything that can fail because of the user, before any compilation.
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  data_path: pathlib.Path
+  train_info: data_common.SplitInfo | None
+  test_info: data_common.SplitInfo | None
+  model: trm.TRMConfig
+  mesh: jax.sharding.Mesh
+  optimizers: optim.Optimizers
+  total_steps: int
+  total_iters: int
+  eval_batch_size: int
+
+
+def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> trm.TRMConfig:
+  """The model config: ``config.model`` plus the dataset's sizes."""
+  fields = dict(config.model.to_dict())
+  fields.update(seq_len=metadata.seq_len, vocab_size=metadata.vocab_size,
+                num_puzzle_identifiers=metadata.num_puzzle_identifiers)
+  try:
+    return trm.TRMConfig.from_dict(fields)
+  except ValueError as e:
+    raise UserError(str(e).replace("model config: ", "config.model.")) from None
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  if config.epochs < 1 or config.eval_interval < 1:
+    raise UserError(f"epochs={config.epochs} and eval_interval={config.eval_interval} must be >= 1")
+  if config.epochs % config.eval_interval:
+    raise UserError(f"eval_interval={config.eval_interval} does not divide epochs={config.epochs}")
+  if config.global_batch_size < 1:
+    raise UserError(f"global_batch_size={config.global_batch_size} must be >= 1")
+  if config.best_mode not in ("max", "min"):
+    raise UserError(f"best_mode={config.best_mode!r}: expected 'max' or 'min'")
+  if config.log_every_steps < 1:
+    raise UserError(f"log_every_steps={config.log_every_steps} must be >= 1")
+
+
+def _load_split(path: pathlib.Path, split: str) -> data_common.SplitInfo:
+  try:
+    return data_lib.load_dataset_info(path, split)
+  except data_common.DatasetFormatError as e:
+    raise UserError(f"dataset {path}: {e}") from None
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need_train: bool = True,
+          need_test: bool = True) -> Run:
+  """Validates the config against the data and the devices; builds nothing on device."""
+  _check_schedule(config)
+  data_path = datasets.ensure_dataset(config)
+  if not data_path.is_dir():
+    raise UserError(f"data_path {str(data_path)!r} does not exist; build it with data_prep "
+                    "(see README) or set config.data_build")
+  train_info = _load_split(data_path, "train") if need_train else None
+  test_info = _load_split(data_path, "test") if need_test else None
+  metadata = (train_info or test_info).metadata
+  if train_info is not None and test_info is not None:
+    a, b = train_info.metadata, test_info.metadata
+    if (a.seq_len, a.vocab_size, a.num_puzzle_identifiers) != (b.seq_len, b.vocab_size, b.num_puzzle_identifiers):
+      raise UserError(f"dataset {data_path}: train and test disagree on seq_len/vocab_size/num_puzzle_identifiers")
+  model = model_config(config, metadata)
+  try:
+    mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
+    sharding.check_global_batch_size(config.global_batch_size, mesh)
+    eval_batch_size = config.eval_batch_size or config.global_batch_size
+    sharding.check_global_batch_size(eval_batch_size, mesh)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if config.param_sharding not in sharding.PARAM_SHARDINGS:
+    raise UserError(f"param_sharding={config.param_sharding!r}: expected one of {sharding.PARAM_SHARDINGS}")
+  if train_info is not None:
+    total_steps = optim.total_train_steps(config.epochs, train_info.metadata.total_groups,
+                                          train_info.metadata.mean_puzzle_examples, config.global_batch_size)
+    if total_steps < 1:
+      raise UserError(f"the schedule has no step: epochs={config.epochs} x {train_info.metadata.total_groups} "
+                      f"groups x {train_info.metadata.mean_puzzle_examples:.3g} examples < "
+                      f"global_batch_size={config.global_batch_size}")
+  else:
+    total_steps = 1
+  optimizers = optim.make_optimizers(
+      lr=config.lr, weight_decay=config.weight_decay, puzzle_emb_lr=config.puzzle_emb_lr,
+      puzzle_emb_weight_decay=config.puzzle_emb_weight_decay, beta1=config.beta1, beta2=config.beta2,
+      warmup_steps=config.lr_warmup_steps, total_steps=total_steps, lr_min_ratio=config.lr_min_ratio,
+      grad_clip_norm=config.grad_clip_norm or None, freeze_weights=config.freeze_weights,
+      trainable_mask=state_lib.trainable_mask)
+  return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
+             test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
+             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size)
+
+
+# ---------------------------------------------------------------------------
+# State: created sharded, or restored onto this mesh.
+
+
+def _zeros_batch(model: trm.TRMConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {"inputs": jnp.zeros((batch_size, model.seq_len), jnp.int32),
+          "labels": jnp.zeros((batch_size, model.seq_len), jnp.int32),
+          "puzzle_identifiers": jnp.zeros((batch_size,), jnp.int32)}
+
+
+@dataclasses.dataclass
+class Layout:
+  """Abstract trees and shardings of the state and the carry on a mesh."""
+  state_shardings: Any
+  carry_shardings: Any
+  abstract_state: Any
+  abstract_carry: Any
+  create_state: Any  # () -> TrainState, jitted with out_shardings
+  create_carry: Any  # () -> Carry, jitted with out_shardings
+
+
+def make_layout(run: Run) -> Layout:
+  model, mesh, config = run.model, run.mesh, run.config
+  rows = sharding.padded_table_rows(model.num_puzzle_identifiers, mesh)
+
+  def create_state():
+    return state_lib.create_train_state(model, run.optimizers, config.seed, ema=config.ema, puzzle_emb_rows=rows)
+
+  def create_carry():
+    return act.initial_carry(model, _zeros_batch(model, config.global_batch_size))
+
+  abstract_state = jax.eval_shape(create_state)
+  abstract_carry = jax.eval_shape(create_carry)
+  state_sh = sharding.state_shardings(abstract_state, mesh, config.param_sharding)
+  carry_sh = sharding.carry_shardings(abstract_carry, mesh)
+
+  def with_sharding(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+  return Layout(state_sh, carry_sh, with_sharding(abstract_state, state_sh),
+                with_sharding(abstract_carry, carry_sh),
+                jax.jit(create_state, out_shardings=state_sh), jax.jit(create_carry, out_shardings=carry_sh))
+
+
+def load_initial_weights(run: Run, layout: Layout, state: state_lib.TrainState) -> state_lib.TrainState:
+  """``config.init_weights``: an .npz of original-named weights replaces the initial ones."""
+  path = pathlib.Path(run.config.init_weights)
+  if not path.is_file():
+    raise UserError(f"init_weights {str(path)!r}: no such file")
+  with np.load(path) as z:
+    try:
+      params, table = weights.import_state_dict(run.model, {k: z[k] for k in z.files}, source=str(path))
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  table = sharding.pad_table(table, state.puzzle_emb.shape[0])
+  params = jax.device_put(params, layout.state_shardings.params)
+  puzzle_emb = jax.device_put(table, layout.state_shardings.puzzle_emb)
+  opt_state = jax.jit(run.optimizers.dense.init, out_shardings=layout.state_shardings.opt_state)(params)
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, puzzle_emb=puzzle_emb, opt_state=opt_state, ema_params=ema)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on this host (gathered across processes when needed)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def run_evaluation(run: Run, eval_fn, params: Any, puzzle_emb: jax.Array, *, step: int,
+                   monitor: monitor_lib.Monitor | None = None, output_dir: pathlib.Path | None = None
+                   ) -> dict[str, float]:
+  """Every test batch through ``halt_max_steps`` calls; per-set metrics and the evaluators."""
+  config = run.config
+  evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+  per_set: dict[str, dict[str, Any]] = {}
+  image_batch = None
+  test_iter = data_lib.make_test_iterator(
+      run.data_path, global_batch_size=run.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.num_workers, prefetch=config.prefetch)
+  with test_iter:
+    for item in test_iter:
+      batch = sharding.global_batch(item.batch, run.mesh, run.eval_batch_size)
+      metrics, outputs = eval_fn(params, puzzle_emb, batch)
+      per_set[item.set_name] = steps.sum_metrics(per_set.get(item.set_name), metrics)
+      if evaluators or image_batch is None:
+        host = {"inputs": _to_host(batch["inputs"]), "labels": _to_host(batch["labels"]),
+                "puzzle_identifiers": _to_host(batch["puzzle_identifiers"]),
+                "preds": _to_host(outputs["preds"]), "q_halt_logits": _to_host(outputs["q_halt_logits"])}
+        real = item.num_examples
+        host = {k: v[:real] for k, v in host.items()}
+        for ev in evaluators:
+          ev.update(item.set_name, host)
+        if image_batch is None:
+          image_batch = host
+  results: dict[str, float] = {}
+  for set_name, summed in per_set.items():
+    for k, v in steps.eval_metrics_to_host(summed).items():
+      results[f"{set_name}/{k}"] = v
+  for ev in evaluators:
+    results.update(ev.result(output_dir))
+  if monitor is not None:
+    monitor.log_eval(step, results)
+    if image_batch is not None and config.num_image_samples > 0:
+      n = config.num_image_samples
+      kind = monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size)
+      panel = monitor_lib.prediction_panel(image_batch["inputs"][:n], image_batch["preds"][:n],
+                                           image_batch["labels"][:n], kind)
+      monitor.log_images(step, "eval/predictions", panel)
+  return results
+
+
+def make_eval_fn(run: Run, layout: Layout):
+  batch_sh = sharding.batch_sharding(run.mesh)
+  params_sh = layout.state_shardings.params
+  return jax.jit(lambda p, t, b: steps.eval_step(p, t, b, model=run.model),
+                 in_shardings=(params_sh, layout.state_shardings.puzzle_emb, batch_sh),
+                 out_shardings=(sharding.replicated(run.mesh), batch_sh))
+
+
+# ---------------------------------------------------------------------------
+# Training.
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT set a flag; the loop saves and returns at the next step."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+  if value is None or not math.isfinite(value):
+    return False
+  return best is None or (value > best if mode == "max" else value < best)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Trains (or resumes) a run in ``workdir``; returns a summary of it."""
+  run = setup(config, workdir)
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  config_dict = checkpoint_lib.config_to_dict(config)
+  is_main = jax.process_index() == 0
+  checkpointer = checkpoint_lib.Checkpointer(run.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best)
+  layout = make_layout(run)
+  train_iter = data_lib.make_train_iterator(
+      run.data_path, global_batch_size=config.global_batch_size, seed=config.seed,
+      epochs_per_iter=config.eval_interval, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.num_workers, prefetch=config.prefetch)
+
+  meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None}
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    saved = checkpointer.read_meta(latest)
+    checkpoint_lib.check_compatible(saved["config"], config_dict, f"checkpoint {run.workdir / 'checkpoints'}")
+    state, carry, data_state, saved = checkpointer.restore(layout.abstract_state, layout.abstract_carry, latest)
+    try:
+      train_iter.set_state(data_state)
+    except ValueError as e:
+      raise UserError(f"checkpoint {latest} in {run.workdir}: {e}") from None
+    meta.update({k: saved[k] for k in meta if k in saved})
+  else:
+    state = layout.create_state()
+    carry = layout.create_carry()
+    if config.init_weights:
+      state = load_initial_weights(run, layout, state)
+
+  batch_sh = sharding.batch_sharding(run.mesh)
+  train_step = jax.jit(
+      steps.make_train_step(run.model, run.optimizers, config.global_batch_size,
+                            config.ema_rate if config.ema else None),
+      in_shardings=(layout.state_shardings, layout.carry_shardings, batch_sh),
+      out_shardings=(layout.state_shardings, layout.carry_shardings, sharding.replicated(run.mesh)),
+      donate_argnums=(0, 1))
+  eval_fn = make_eval_fn(run, layout)
+  monitor = monitor_lib.Monitor(run.workdir, total_steps=run.total_steps, enabled=is_main,
+                                tensorboard=config.tensorboard)
+
+  step = int(jax.device_get(state.step))
+  stop_at = run.total_steps if not config.max_steps else min(run.total_steps, config.max_steps)
+  summary: dict[str, Any] = {"start_step": step, "total_steps": run.total_steps, "stopped_by": None,
+                             "last_eval": None}
+  if is_main:
+    monitor.print(f"trm-jax: {run.model.L_layers}-layer TRM (D={run.model.hidden_size}), "
+                  f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M dense params, "
+                  f"{run.mesh.size} device(s) {dict(run.mesh.shape)}, {run.total_steps} steps"
+                  + (f", resuming at step {step}" if latest is not None else ""))
+
+  def save(best: bool = False):
+    data_state = train_iter.get_state()
+    checkpointer.save(step, state, carry, data_state, {**meta, "config": config_dict, "step": step}, best=best)
+
+  window: list[Mapping[str, jax.Array]] = []
+  window_start = step
+
+  def flush_window():
+    """Metrics leave the device here only: check every step's loss, log the window's mean."""
+    nonlocal window, window_start
+    if not window:
+      return
+    values = jax.device_get(window)
+    for i, m in enumerate(values):
+      loss = float(m["lm_loss"]) + float(m["q_halt_loss"]) + float(m.get("q_continue_loss", 0.0))
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(f"non-finite loss {loss} at step {window_start + i + 1}; the latest "
+                                 f"checkpoint ({checkpointer.latest_step()}) is the last good state")
+    summed = steps.sum_metrics(None, {k: v for k, v in values[0].items()})
+    for m in values[1:]:
+      summed = steps.sum_metrics(summed, m)
+    reported = steps.train_metrics_to_host(summed, config.global_batch_size * len(values))
+    reported.update(lr=float(values[-1]["lr"]), puzzle_emb_lr=float(values[-1]["puzzle_emb_lr"]))
+    monitor.log_train(window_start + len(values), reported)
+    window, window_start = [], window_start + len(values)
+
+  def evaluate_and_save():
+    results = run_evaluation(run, eval_fn, state_lib.eval_params(state), state.puzzle_emb, step=step,
+                             monitor=monitor, output_dir=run.workdir / "eval" / f"step_{step}")
+    summary["last_eval"] = results
+    meta["evaluated_step"] = step
+    value = results.get(config.best_metric)
+    if value is None:
+      monitor.print(f"warning: best_metric {config.best_metric!r} is not among the eval metrics {sorted(results)}")
+    is_best = _better(value, meta["best_metric"], config.best_mode)
+    if is_best:
+      meta["best_metric"], meta["best_step"] = value, step
+    save(best=is_best)
+
+  try:
+    with _StopRequest() as stop:
+      while step < stop_at and meta["iteration"] < run.total_iters:
+        local = next(train_iter)
+        pass_done = train_iter.batch_index == 0
+        state, carry, metrics = train_step(state, carry,
+                                           sharding.global_batch(local, run.mesh, config.global_batch_size))
+        step += 1
+        window.append(metrics)
+        if step % config.log_every_steps == 0:
+          flush_window()
+        if pass_done:
+          meta["iteration"] += 1
+          if meta["iteration"] > config.min_eval_interval or meta["iteration"] == run.total_iters:
+            flush_window()
+            evaluate_and_save()
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          flush_window()
+          save()
+        if stop.signal is not None:
+          flush_window()
+          save()
+          summary["stopped_by"] = signal.Signals(stop.signal).name
+          monitor.print(f"stopped by {summary['stopped_by']} at step {step}; checkpoint saved")
+          break
+      else:
+        flush_window()
+        schedule_done = step >= run.total_steps or meta["iteration"] >= run.total_iters
+        if schedule_done and meta.get("evaluated_step") != step:
+          # The last pass ended past total_steps (pass lengths vary): evaluate the final state.
+          evaluate_and_save()
+        elif checkpointer.latest_step() != step:
+          save()
+  finally:
+    train_iter.close()
+    checkpointer.close()
+    monitor.close()
+  summary.update(end_step=step, best_metric=meta["best_metric"], best_step=meta["best_step"])
+  return summary
