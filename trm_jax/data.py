@@ -39,9 +39,10 @@ fit; a batch can mix puzzles; the pass's last incomplete batch is dropped), so
 with the same seed and dataset the sequence of batches, their puzzles and
 puzzle identifiers equal the original's. The one deliberate difference: the
 original chooses the examples within a puzzle with the *global*
-``np.random.choice`` of its data-loader worker, a stream seeded by torch that
-cannot be reproduced (and that differs between ranks, so its ranks do not even
-agree on one global batch). Here the choice comes from a generator seeded by
+``np.random.choice`` of its data-loader worker, a stream that torch's
+DataLoader seeds from the torch generator (seeded with seed + rank, and used by
+model initialisation first): it cannot be reproduced, and it differs between
+ranks, so the original's ranks do not even agree on one global batch. Here the choice comes from a generator seeded by
 ``(seed, counter, batch)``, identical on every process. With one example per
 puzzle (Sudoku, Maze) the batches are therefore exactly the original's.
 
