@@ -36,6 +36,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import zipfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -344,23 +345,39 @@ def load_split(split_dir: str | os.PathLike) -> SplitInfo:
     idx_path = split_dir / index_name(set_name)
     if not idx_path.is_file():
       raise DatasetFormatError(f"{idx_path}: missing index file for set {set_name!r}")
-    with np.load(idx_path) as z:
-      for key in ("puzzle_identifiers", "puzzle_indices", "group_indices"):
-        if key not in z.files:
-          raise DatasetFormatError(f"{idx_path}: missing array {key!r}")
-      pid, pidx, gidx = z["puzzle_identifiers"], z["puzzle_indices"], z["group_indices"]
-    num_shards = int(info["num_shards"][set_name])
-    num_examples = int(info["num_examples"][set_name])
+    try:
+      with np.load(idx_path) as z:
+        for key in ("puzzle_identifiers", "puzzle_indices", "group_indices"):
+          if key not in z.files:
+            raise DatasetFormatError(f"{idx_path}: missing array {key!r}")
+        pid, pidx, gidx = z["puzzle_identifiers"], z["puzzle_indices"], z["group_indices"]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      if isinstance(e, DatasetFormatError):
+        raise
+      raise DatasetFormatError(f"{idx_path}: not a readable .npz index file ({e})") from None
+    try:
+      num_shards = int(info["num_shards"][set_name])
+      num_examples = int(info["num_examples"][set_name])
+    except (KeyError, TypeError, ValueError):
+      raise DatasetFormatError(
+          f"{meta_path}: trm_jax.num_shards / trm_jax.num_examples lack an integer for set {set_name!r}") from None
     shards = [split_dir / shard_name(set_name, i, num_shards) for i in range(num_shards)]
     for s in shards:
       if not s.is_file():
         raise DatasetFormatError(f"{s}: missing example shard of set {set_name!r}")
     if pidx.shape[0] != pid.shape[0] + 1 or pidx[0] != 0 or pidx[-1] != num_examples:
       raise DatasetFormatError(f"{idx_path}: puzzle_indices disagree with {num_examples} examples")
-    if gidx[0] != 0 or gidx[-1] != pid.shape[0]:
+    if gidx.shape[0] < 1 or gidx[0] != 0 or gidx[-1] != pid.shape[0]:
       raise DatasetFormatError(f"{idx_path}: group_indices disagree with {pid.shape[0]} puzzles")
     sets[set_name] = SetIndex(set_name, pid, pidx, gidx, shards, num_examples)
-  return SplitInfo(split_dir, meta, np.dtype(info["token_dtype"]), sets)
+  try:
+    token_dtype = np.dtype(info["token_dtype"]) if isinstance(info.get("token_dtype"), str) else None
+  except TypeError:
+    token_dtype = None
+  if token_dtype is None or token_dtype.kind != "u":
+    raise DatasetFormatError(f"{meta_path}: trm_jax.token_dtype must name an unsigned integer dtype "
+                             f"(e.g. '|u1'), got {info.get('token_dtype')!r}")
+  return SplitInfo(split_dir, meta, token_dtype, sets)
 
 
 class ExampleReader:
