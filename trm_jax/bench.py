@@ -1,0 +1,197 @@
+r"""Times the jitted train and eval steps of a config on random data.
+
+  python -m trm_jax.bench --config=configs/arc.py [--config.key=value ...] \
+      [--batch_per_device=N] [--steps=20]
+
+Compiles both steps, then times them, and prints one JSON line: steps/s,
+tokens/s, analytic FLOPs per step, model FLOP utilisation against the
+device's peak, peak device memory and compile times. The dataset is not read:
+sequence length, vocabulary and the number of puzzle identifiers come from the
+dataset's metadata when ``data_path`` exists, else from the flags.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/arc.py", "Config file (configs/x.py[:arg]).", lock_config=True)
+flags.DEFINE_integer("batch_per_device", 0, "Examples per device (0: global_batch_size / devices).")
+flags.DEFINE_integer("steps", 10, "Timed train steps.")
+flags.DEFINE_integer("eval_steps", 2, "Timed eval steps (each runs halt_max_steps ACT calls).")
+flags.DEFINE_integer("seq_len", 0, "Sequence length when data_path is absent (0: 900, as ARC and mazes).")
+flags.DEFINE_integer("vocab_size", 0, "Vocabulary when data_path is absent (0: 12, as ARC).")
+flags.DEFINE_integer("num_puzzle_identifiers", 0, "Puzzle ids when data_path is absent (0: 1000).")
+flags.DEFINE_bool("skip_eval", False, "Time only the train step.")
+
+if __name__ != "__main__":
+  FLAGS.mark_as_parsed()
+
+# Dense bf16 tensor-core peaks (FLOP/s), by device kind; float32 runs use the
+# same number (an upper bound: the MFU is then conservative).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name in kind:
+      return peak
+  return None
+
+
+def f_flops(model, batch: int) -> float:
+  """Forward matmul FLOPs of one application of the network f."""
+  from trm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  length, dim = model.num_positions, model.hidden_size
+  inter = layers.swiglu_intermediate_size(dim, model.expansion)
+  per_layer = 2 * batch * length * dim * 2 * inter + 2 * batch * length * inter * dim  # channel SwiGLU
+  if model.mlp_t:
+    inter_t = layers.swiglu_intermediate_size(length, model.expansion)
+    per_layer += 2 * batch * dim * length * 2 * inter_t + 2 * batch * dim * inter_t * length
+  else:
+    per_layer += 2 * batch * length * dim * 3 * dim + 2 * batch * length * dim * dim  # qkv, o
+    per_layer += 2 * 2 * batch * length * length * dim  # scores and weighted sum
+  return model.L_layers * per_layer
+
+
+def step_flops(model, batch: int) -> dict[str, float]:
+  """Analytic FLOPs of one ACT call: forward everywhere, backward through the last cycle."""
+  f = f_flops(model, batch)
+  heads = 2 * batch * model.seq_len * model.hidden_size * model.vocab_size + 2 * batch * model.hidden_size * 2
+  forward = model.H_cycles * (model.L_cycles + 1) * f + heads
+  backward = 2 * ((model.L_cycles + 1) * f + heads)
+  train = forward + backward
+  if not model.no_ACT_continue:
+    train += forward  # the target's extra forward
+  return {"train": float(train), "eval_call": float(forward)}
+
+
+def _time(fn, n: int) -> float:
+  start = time.perf_counter()
+  out = None
+  for _ in range(n):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / n
+
+
+def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_steps: int = 2,
+              seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0,
+              skip_eval: bool = False) -> dict:
+  from data_prep import common  # pylint: disable=g-import-not-at-top
+  from trm_jax import act, optim, sharding, state as state_lib, steps, train  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  split = pathlib.Path(config.data_path) / "train"
+  if config.data_path and (split / common.METADATA_FILE).is_file():
+    meta = common.load_split(split).metadata
+    seq_len, vocab_size, num_ids = meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers
+  else:
+    seq_len, vocab_size, num_ids = seq_len or 900, vocab_size or 12, num_puzzle_identifiers or 1000
+  metadata = common.DatasetMetadata(seq_len=seq_len, vocab_size=vocab_size, pad_id=0, ignore_label_id=0,
+                                    blank_identifier_id=0, num_puzzle_identifiers=num_ids, total_groups=1,
+                                    mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
+  model = train.model_config(config, metadata)
+  mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
+  shards = sharding.batch_size_per_shard(mesh)
+  global_batch = batch_per_device * mesh.size if batch_per_device else config.global_batch_size
+  sharding.check_global_batch_size(global_batch, mesh)
+  optimizers = optim.make_optimizers(
+      lr=config.lr, weight_decay=config.weight_decay, puzzle_emb_lr=config.puzzle_emb_lr,
+      puzzle_emb_weight_decay=config.puzzle_emb_weight_decay, beta1=config.beta1, beta2=config.beta2,
+      warmup_steps=config.lr_warmup_steps, total_steps=10**6, lr_min_ratio=config.lr_min_ratio,
+      trainable_mask=state_lib.trainable_mask)
+  rows = sharding.padded_table_rows(num_ids, mesh)
+  create = lambda: state_lib.create_train_state(model, optimizers, 0, ema=config.ema, puzzle_emb_rows=rows)
+  state_sh = sharding.state_shardings(jax.eval_shape(create), mesh, config.param_sharding)
+  state = jax.jit(create, out_shardings=state_sh)()
+  batch_sh = sharding.batch_sharding(mesh)
+  rng = np.random.default_rng(0)
+  host_batch = {"inputs": rng.integers(0, vocab_size, (global_batch, seq_len)).astype(np.int32),
+                "labels": rng.integers(0, vocab_size, (global_batch, seq_len)).astype(np.int32),
+                "puzzle_identifiers": rng.integers(0, num_ids, (global_batch,)).astype(np.int32)}
+  batch = jax.device_put(host_batch, batch_sh)
+  carry_fn = lambda: act.initial_carry(model, batch)
+  carry_sh = sharding.carry_shardings(jax.eval_shape(carry_fn), mesh)
+  carry = jax.jit(carry_fn, out_shardings=carry_sh)()
+
+  train_step = jax.jit(
+      steps.make_train_step(model, optimizers, global_batch, config.ema_rate if config.ema else None),
+      in_shardings=(state_sh, carry_sh, batch_sh),
+      out_shardings=(state_sh, carry_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, carry, batch).compile()
+  compile_train = time.perf_counter() - t0
+  holder = {"state": state, "carry": carry}
+
+  def one_step():
+    holder["state"], holder["carry"], metrics = compiled(holder["state"], holder["carry"], batch)
+    return metrics
+  jax.block_until_ready(one_step())  # warm-up
+  train_time = _time(one_step, num_steps)
+
+  flops = step_flops(model, global_batch)
+  peak = peak_flops(jax.devices()[0])
+  result = {
+      "device": jax.devices()[0].device_kind, "num_devices": mesh.size, "mesh": dict(mesh.shape),
+      "jax": jax.__version__, "kernels": model.kernels, "forward_dtype": model.forward_dtype,
+      "global_batch": global_batch, "seq_len": seq_len, "hidden_size": model.hidden_size,
+      "H_cycles": model.H_cycles, "L_cycles": model.L_cycles, "L_layers": model.L_layers, "mlp_t": model.mlp_t,
+      "train_steps_per_s": 1.0 / train_time,
+      "train_tokens_per_s": global_batch * seq_len / train_time,
+      "train_flops_per_step": flops["train"],
+      "train_mfu": (flops["train"] / train_time / (peak * mesh.size)) if peak else None,
+      "compile_train_s": compile_train,
+  }
+  if not skip_eval:
+    eval_fn = jax.jit(lambda p, t, b: steps.eval_step(p, t, b, model=model),
+                      in_shardings=(state_sh.params, state_sh.puzzle_emb, batch_sh))
+    t0 = time.perf_counter()
+    eval_compiled = eval_fn.lower(holder["state"].params, holder["state"].puzzle_emb, batch).compile()
+    result["compile_eval_s"] = time.perf_counter() - t0
+    params, table = holder["state"].params, holder["state"].puzzle_emb
+    jax.block_until_ready(eval_compiled(params, table, batch))
+    eval_time = _time(lambda: eval_compiled(params, table, batch), eval_steps)
+    eval_flops = flops["eval_call"] * model.halt_max_steps
+    result.update({
+        "eval_batches_per_s": 1.0 / eval_time,
+        "eval_tokens_per_s": global_batch * seq_len / eval_time,
+        "eval_flops_per_batch": eval_flops,
+        "eval_mfu": (eval_flops / eval_time / (peak * mesh.size)) if peak else None,
+    })
+  stats = jax.devices()[0].memory_stats() or {}
+  result["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    result["compiled_temp_bytes"] = int(getattr(analysis, "temp_size_in_bytes", 0))
+    result["compiled_argument_bytes"] = int(getattr(analysis, "argument_size_in_bytes", 0))
+  del shards
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from trm_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    result = benchmark(FLAGS.config, batch_per_device=FLAGS.batch_per_device, num_steps=FLAGS.steps,
+                       eval_steps=FLAGS.eval_steps, seq_len=FLAGS.seq_len, vocab_size=FLAGS.vocab_size,
+                       num_puzzle_identifiers=FLAGS.num_puzzle_identifiers, skip_eval=FLAGS.skip_eval)
+  except (train.UserError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

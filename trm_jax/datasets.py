@@ -1,0 +1,48 @@
+"""Builds a run's dataset when it is missing (``config.data_build``).
+
+The quickstart config uses this to make a small dataset on first run; every
+other config points at a directory made by ``data_prep`` (see README). Only
+process 0 builds; the others wait for it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+
+BUILDERS = ("sudoku", "maze", "arc")
+
+
+def build(kind: str, output_dir: pathlib.Path, args: dict[str, Any]) -> None:
+  """Builds dataset ``kind`` into ``output_dir`` with the builder's keyword ``args``."""
+  if kind == "sudoku":
+    from data_prep import sudoku  # pylint: disable=g-import-not-at-top
+    sudoku.build_generated(output_dir, **args)
+  elif kind == "maze":
+    from data_prep import maze  # pylint: disable=g-import-not-at-top
+    maze.build_generated(output_dir, **args)
+  elif kind == "arc":
+    from data_prep import arc  # pylint: disable=g-import-not-at-top
+    arc.build_dataset(output_dir=output_dir, **args)
+  else:
+    raise ValueError(f"data_build={kind!r}: expected one of {BUILDERS}")
+
+
+def ensure_dataset(config: Any) -> pathlib.Path:
+  """``config.data_path``, built first by ``config.data_build`` if it does not exist."""
+  path = pathlib.Path(config.data_path)
+  if not config.data_path:
+    raise ValueError("config.data_path is empty: set it to a dataset directory built by data_prep")
+  if path.exists() or not config.data_build:
+    return path
+  if config.data_build not in BUILDERS:
+    raise ValueError(f"data_build={config.data_build!r}: expected one of {BUILDERS}")
+  if jax.process_index() == 0:
+    print(f"building the {config.data_build} dataset into {path} (data_build)", flush=True)
+    build(config.data_build, path, dict(config.data_build_args.to_dict()))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("trm_jax.datasets.ensure_dataset")
+  return path
