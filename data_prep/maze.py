@@ -169,7 +169,8 @@ def _valid_shortest(inputs, preds, n, out):
     out[b] = dist[goal] == shortest
 
 
-def valid_shortest_path(inputs_BxS: np.ndarray, preds_BxS: np.ndarray, grid_size: int) -> np.ndarray:
+def valid_shortest_path(inputs_BxS: np.ndarray, preds_BxS: np.ndarray,
+                        grid_size: int) -> np.ndarray:
   """Whether each predicted maze solution is a valid shortest path (any of the ties).
 
   Args:
@@ -216,7 +217,7 @@ def shortest_path_lengths(inputs_BxS: np.ndarray, grid_size: int) -> np.ndarray:
 
 
 def solve_maze(inputs_S: np.ndarray, grid_size: int) -> np.ndarray:
-  """The label of one maze: its input with the tie-broken shortest path marked (see ``_mark_path``)."""
+  """One maze's label: the input with the tie-broken shortest path marked (``_mark_path``)."""
   inp = np.asarray(inputs_S, np.int64).reshape(-1)
   size = grid_size * grid_size
   s, g = np.flatnonzero(inp == START), np.flatnonzero(inp == GOAL)
@@ -355,8 +356,9 @@ def dihedral_keys(inputs_NxS: np.ndarray, grid_size: int) -> list[bytes]:
   """A key per maze equal for mazes that are dihedral transforms of each other."""
   out = []
   for inp in np.asarray(inputs_NxS, np.uint8).reshape(-1, grid_size, grid_size):
-    out.append(min(hashlib.blake2b(np.ascontiguousarray(augment.dihedral_transform(inp, t)).tobytes(),
-                                   digest_size=16).digest() for t in range(augment.NUM_DIHEDRAL)))
+    versions = (np.ascontiguousarray(augment.dihedral_transform(inp, t)).tobytes()
+                for t in range(augment.NUM_DIHEDRAL))
+    out.append(min(hashlib.blake2b(v, digest_size=16).digest() for v in versions))
   return out
 
 
@@ -399,7 +401,8 @@ def read_maze_csv(path: str | os.PathLike, grid_size: int = DEFAULT_GRID_SIZE):
         t = _CHAR_TO_TOKEN[raw]
         if (t == 0).any():
           bad = "".join(sorted({ch for ch in s if ch not in CHARSET}))
-          raise InputError(f"{where}: {name} has illegal character(s) {bad!r}, expected {CHARSET!r}")
+          raise InputError(
+              f"{where}: {name} has illegal character(s) {bad!r}, expected {CHARSET!r}")
         toks.append(t)
       qt, at = toks
       for name, tok in (("S", START), ("G", GOAL)):
@@ -410,7 +413,8 @@ def read_maze_csv(path: str | os.PathLike, grid_size: int = DEFAULT_GRID_SIZE):
         raise InputError(f"{where}: question has 'o' (path) cells; only the answer may")
       marked = at == PATH
       if ((at != qt) & ~marked).any() or (marked & ((qt == WALL))).any():
-        raise InputError(f"{where}: answer differs from the question other than by 'o' on open cells")
+        raise InputError(
+            f"{where}: answer differs from the question other than by 'o' on open cells")
       inputs.append(qt)
       labels.append(at)
   if not inputs:
@@ -427,8 +431,8 @@ def write_maze_csv(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarr
     w = csv.writer(f)
     w.writerow(CSV_HEADER)
     for q, a, r in zip(inputs, labels, ratings):
-      w.writerow([source, _TOKEN_TO_CHAR[q].tobytes().decode(), _TOKEN_TO_CHAR[a].tobytes().decode(),
-                  int(r)])
+      w.writerow([source, _TOKEN_TO_CHAR[q].tobytes().decode(),
+                  _TOKEN_TO_CHAR[a].tobytes().decode(), int(r)])
   tmp.rename(path)
 
 
@@ -505,7 +509,8 @@ def build_generated(output_dir, num_train=1000, num_test=1000, *, grid_size=DEFA
         tr_lab.append(yi)
         tr_len.append(li)
   size = grid_size * grid_size
-  tr = (np.asarray(tr_in, np.uint8).reshape(-1, size), np.asarray(tr_lab, np.uint8).reshape(-1, size))
+  tr = (np.asarray(tr_in, np.uint8).reshape(-1, size),
+        np.asarray(tr_lab, np.uint8).reshape(-1, size))
   if write_csv_dir is not None:
     write_maze_csv(pathlib.Path(write_csv_dir) / "train.csv", tr[0], tr[1], tr_len)
     write_maze_csv(pathlib.Path(write_csv_dir) / "test.csv", te_in, te_lab, te_len)
@@ -520,11 +525,13 @@ def build_generated(output_dir, num_train=1000, num_test=1000, *, grid_size=DEFA
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m data_prep.maze",
-                              description="Build a Maze-Hard dataset (ArrayRecord shards + dataset.json).")
+                              description="Build a Maze-Hard dataset "
+                              "(ArrayRecord shards + dataset.json).")
   sub = p.add_subparsers(dest="mode", required=True, metavar="{csv,generate}")
 
   def common_flags(sp, default_out):
-    sp.add_argument("--output-dir", default=default_out, help="dataset directory (default %(default)s)")
+    sp.add_argument("--output-dir", default=default_out,
+                    help="dataset directory (default %(default)s)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sp.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     sp.add_argument("--aug", action="store_true", help="8 dihedral versions of each train maze")
@@ -532,7 +539,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="grid side n (default %(default)s)")
 
   sp = sub.add_parser("csv", help="from the original train.csv/test.csv",
-                      description="From CSVs in the original format (source,question,answer,rating).")
+                      description="From CSVs in the original format "
+                      "(source,question,answer,rating).")
   common_flags(sp, "data/maze-30x30-hard-1k")
   sp.add_argument("--input-dir", help="directory holding train.csv and test.csv")
   sp.add_argument("--train-csv", help="train CSV (instead of --input-dir)")
@@ -540,8 +548,8 @@ def _parser() -> argparse.ArgumentParser:
   sp.add_argument("--subsample-size", type=int, default=None, help="sample this many train mazes")
 
   sp = sub.add_parser("generate", help="generate Maze-Hard-like mazes",
-                      description="Generate random-wall mazes with a long shortest path and build a "
-                      "dataset; labels mark one shortest path (fixed tie-break).")
+                      description="Generate random-wall mazes with a long shortest path and "
+                      "build a dataset; labels mark one shortest path (fixed tie-break).")
   common_flags(sp, "data/maze-generated")
   sp.add_argument("--num-train", type=int, default=1000, help="train mazes (default %(default)s)")
   sp.add_argument("--num-test", type=int, default=1000, help="test mazes (default %(default)s)")
@@ -550,7 +558,8 @@ def _parser() -> argparse.ArgumentParser:
   sp.add_argument("--max-wall-fraction", type=float, default=DEFAULT_WALL_FRACTION[1],
                   help="highest wall fraction (default %(default)s)")
   sp.add_argument("--min-path-length", type=int, default=DEFAULT_MIN_PATH_LENGTH,
-                  help="shortest S->G path must be longer than this many steps (default %(default)s)")
+                  help="the shortest S->G path must be longer than this many steps "
+                  "(default %(default)s)")
   sp.add_argument("--write-csv", default=None, metavar="DIR",
                   help="also write the mazes as original-format train.csv/test.csv to DIR")
   return p

@@ -87,7 +87,8 @@ def draw_shuffles(rs: np.random.RandomState, n: int) -> tuple[np.ndarray, np.nda
   return cell_index, digit_map
 
 
-def apply_shuffles(board_81: np.ndarray, cell_index: np.ndarray, digit_map: np.ndarray) -> np.ndarray:
+def apply_shuffles(board_81: np.ndarray, cell_index: np.ndarray,
+                   digit_map: np.ndarray) -> np.ndarray:
   """Applies the shuffles of ``draw_shuffles`` to one board: ``[n, 81]``."""
   moved = np.asarray(board_81)[cell_index]
   return np.take_along_axis(digit_map, moved.astype(np.int64), axis=1)
@@ -232,7 +233,8 @@ def _boards_from_strings(strings: Sequence[str], where: Sequence[str], what: str
     i = int(np.argmax(bad_rows))
     bad = sorted({ch for ch in strings[i] if not (ch.isascii() and allowed[ord(ch)])})
     expected = "digits 1-9, '.' or '0'" if allow_blank else "digits 1-9 (a full solution)"
-    raise InputError(f"{where[i]}: {what} has illegal character(s) {''.join(bad)!r}, expected {expected}")
+    raise InputError(
+        f"{where[i]}: {what} has illegal character(s) {''.join(bad)!r}, expected {expected}")
   boards = raw - ord("0")
   boards[raw == ord(".")] = 0
   return boards
@@ -265,7 +267,8 @@ def read_sudoku_csv(path: str | os.PathLike, min_difficulty: int | None = None):
     if not ok_grid.all():
       raise InputError(f"{where[int(np.argmin(ok_grid))]}: answer is not a valid sudoku grid")
     if not ok_givens.all():
-      raise InputError(f"{where[int(np.argmin(ok_givens))]}: answer disagrees with the question's givens")
+      raise InputError(
+          f"{where[int(np.argmin(ok_givens))]}: answer disagrees with the question's givens")
     q_chunks.append(q)
     a_chunks.append(a)
     r_chunks.append(np.asarray(rs_, np.int64))
@@ -383,7 +386,7 @@ def write_dataset(output_dir: str | os.PathLike, train: tuple[np.ndarray, np.nda
           for k in range(n_aug):
             w.add_puzzle(q_aug[k:k + 1], a_aug[k:k + 1], 0)
         w.end_group()
-        if progress and (i + 1) % max(1, n // 10) == 0:
+        if progress and n * (1 + n_aug) >= 100_000 and (i + 1) % max(1, n // 10) == 0:
           print(f"  {split}: {i + 1}/{n} puzzles ({time.time() - t0:.0f}s)", file=sys.stderr)
       info = {"task": "sudoku", "num_aug": int(n_aug)}
       if extra:
@@ -440,7 +443,8 @@ def solve_lists(paths: Sequence[str | os.PathLike], min_difficulty: int | None =
   solutions, num_solutions, ratings, _ = sudoku_solver.solve_batch(boards)
   counts = {"read": int(len(boards))}
   keep = np.ones(len(boards), bool)
-  for label, bad in (("no_solution", num_solutions == 0), ("multiple_solutions", num_solutions > 1)):
+  for label, bad in (("no_solution", num_solutions == 0),
+                     ("multiple_solutions", num_solutions > 1)):
     counts[label] = int(bad.sum())
     for i in np.flatnonzero(bad)[:MAX_WARNINGS_SHOWN]:
       warn(f"{origins[i]}: puzzle has {label.replace('_', ' ')}; skipped")
@@ -480,6 +484,9 @@ def build_from_lists(output_dir, paths, *, test_fraction=0.1, num_test=None, sub
   t0 = time.time()
   q, a, ratings, sources, counts = solve_lists(paths, min_difficulty)
   solve_s = time.time() - t0
+  if progress:
+    print(f"read and solved {counts['read']} puzzles in {solve_s:.1f}s; kept {counts['kept']}",
+          file=sys.stderr)
   if len(q) == 0:
     raise InputError(f"no usable puzzles in {', '.join(map(str, paths))}")
   if num_test is None:
@@ -597,7 +604,8 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="mode", required=True, metavar="{csv,lists,generate}")
 
   def common_flags(sp, default_out):
-    sp.add_argument("--output-dir", default=default_out, help="dataset directory (default %(default)s)")
+    sp.add_argument("--output-dir", default=default_out,
+                    help="dataset directory (default %(default)s)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sp.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     sp.add_argument("--num-aug", type=int, default=0,
@@ -606,7 +614,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="keep only puzzles rated >= this (number of solver guesses)")
 
   sp = sub.add_parser("csv", help="from the original train.csv/test.csv",
-                      description="From CSVs in the original format (source,question,answer,rating).")
+                      description="From CSVs in the original format "
+                      "(source,question,answer,rating).")
   common_flags(sp, "data/sudoku-extreme-full")
   sp.add_argument("--input-dir", help="directory holding train.csv and test.csv")
   sp.add_argument("--train-csv", help="train CSV (instead of --input-dir)")

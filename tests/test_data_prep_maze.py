@@ -85,8 +85,8 @@ def test_generator_properties(mazes):
 
 
 def test_small_variant_and_tie_break():
-  x, y, ln = maze.generate_mazes(np.random.default_rng(4), 50, grid_size=8, wall_fraction=(0.2, 0.3),
-                                 min_path_length=10)
+  x, y, ln = maze.generate_mazes(np.random.default_rng(4), 50, grid_size=8,
+                                 wall_fraction=(0.2, 0.3), min_path_length=10)
   assert (ln > 10).all() and x.shape == (50, 64)
   assert all(path_is_shortest(a, b, 8) for a, b in zip(x, y))
   # Open 3x3, S top-left, G bottom-right: up, down, left, right order goes down first.
@@ -149,8 +149,8 @@ def test_valid_shortest_path(mazes):
   detour[1, 0:4] = maze.PATH  # S down, right x3, up to G: 5 steps
   alt[1, 1:3] = maze.PATH
   alt[0, 1] = maze.PATH  # 4 marks, not a shortest path
-  ok = maze.valid_shortest_path(np.stack([g.ravel()] * 3), np.stack([shortest.ravel(), detour.ravel(),
-                                                                     alt.ravel()]), 4)
+  preds = np.stack([shortest.ravel(), detour.ravel(), alt.ravel()])
+  ok = maze.valid_shortest_path(np.stack([g.ravel()] * 3), preds, 4)
   np.testing.assert_array_equal(ok, [True, False, False])
   # Padding rows (all 0, as the evaluator pads the last batch) and unsolvable mazes are False.
   walled = g.copy()
@@ -203,7 +203,8 @@ def bad_row(kind, inp, lab):
   if kind == "char":
     return ["s", q, "x" + a[1:], "1"], "answer has illegal character(s) 'x'"
   if kind == "no_start":
-    return ["s", q.replace("S", " "), a.replace("S", " "), "1"], "question has 0 'S' cells, expected exactly one"
+    return (["s", q.replace("S", " "), a.replace("S", " "), "1"],
+            "question has 0 'S' cells, expected exactly one")
   if kind == "two_goals":
     i = q.index(" ")
     q2 = q[:i] + "G" + q[i + 1:]
@@ -237,7 +238,8 @@ def test_csv_bad_rows(mazes, tmp_path, kind):
 
 def test_build_generated_small(tmp_path):
   kw = dict(grid_size=10, min_path_length=14, wall_fraction=(0.25, 0.4), seed=2)
-  metas = maze.build_generated(tmp_path / "a", 40, 20, aug=True, write_csv_dir=tmp_path / "csv", **kw)
+  metas = maze.build_generated(tmp_path / "a", 40, 20, aug=True, write_csv_dir=tmp_path / "csv",
+                               **kw)
   assert metas["train"].total_groups == 40 and metas["train"].total_puzzles == 320
   assert metas["test"].total_groups == 20 and metas["test"].total_puzzles == 20
   _, tr_in, tr_lab = read_all(tmp_path / "a" / "train")

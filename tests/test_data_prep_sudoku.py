@@ -1,7 +1,6 @@
 """Tests of data_prep.sudoku and data_prep.sudoku_solver on samples of the real lists."""
 import csv
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -17,7 +16,10 @@ PER_FILE = 60
 
 @pytest.fixture(scope="module")
 def real(data_dir):
-  """The first PER_FILE puzzles of each list, solved: (boards, solutions, counts, ratings, file idx)."""
+  """The first PER_FILE puzzles of each list, solved.
+
+  Returns (boards, solutions, solution counts, ratings, index of the file).
+  """
   boards, which = [], []
   for i, name in enumerate(LIST_FILES):
     b, _ = sudoku.read_puzzle_list(data_dir / "sudoku" / name)
@@ -59,10 +61,11 @@ def test_solver_solves_real_puzzles(real):
   assert sudoku_solver.consistent_with_givens(boards, solutions).all()
   # The "hardest" lists need far more guesses than the 17-clue one.
   assert ratings[which == 2].mean() > 5 * ratings[which == 0].mean()
-  # Deterministic.
-  again = sudoku_solver.solve_batch(boards)
-  np.testing.assert_array_equal(again[0], solutions)
-  np.testing.assert_array_equal(again[2], ratings)
+  # Deterministic, whatever the thread count.
+  for threads in (1, 3):
+    again = sudoku_solver.solve_batch(boards, num_threads=threads)
+    np.testing.assert_array_equal(again[0], solutions)
+    np.testing.assert_array_equal(again[2], ratings)
 
 
 def test_solver_counts_solutions(real):
@@ -207,7 +210,8 @@ def test_lists_split_is_symmetry_safe(real, tmp_path):
   test_keys = set(sudoku.symmetry_invariant_keys(test_in - 1).tolist())
   for b in train_in[:50] - 1:
     ci, dm = sudoku.draw_shuffles(rs, 4)
-    assert not test_keys & set(sudoku.symmetry_invariant_keys(sudoku.apply_shuffles(b, ci, dm)).tolist())
+    variants = sudoku.apply_shuffles(b, ci, dm)
+    assert not test_keys & set(sudoku.symmetry_invariant_keys(variants).tolist())
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +225,8 @@ def check_dataset(root, n_train, n_test, num_aug):
   for split, n, k in (("train", n_train, num_aug), ("test", n_test, 0)):
     info, inputs, labels = read_all(root / split)
     m = info.metadata
-    assert (m.seq_len, m.vocab_size, m.pad_id, m.ignore_label_id, m.blank_identifier_id) == (81, 11, 0, 0, 0)
+    assert (m.seq_len, m.vocab_size, m.pad_id) == (81, 11, 0)
+    assert (m.ignore_label_id, m.blank_identifier_id) == (0, 0)
     assert m.num_puzzle_identifiers == 1 and m.sets == ["all"]
     assert m.total_groups == n and m.total_puzzles == n * (1 + k) and m.mean_puzzle_examples == 1.0
     idx = info.sets["all"]
@@ -377,7 +382,8 @@ def test_cli(real, tmp_path, capsys):
   assert e.value.code == 0
   assert sudoku.main(["csv", "--output-dir", str(tmp_path / "x")]) == 1
   assert "csv mode needs --input-dir" in capsys.readouterr().err
-  assert sudoku.main(["csv", "--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "x")]) == 1
+  assert sudoku.main(["csv", "--input-dir", str(tmp_path),
+                      "--output-dir", str(tmp_path / "x")]) == 1
   err = capsys.readouterr().err.strip()
   assert err == f"error: {tmp_path / 'train.csv'}: no such file"
   lst = tmp_path / "p.txt"
@@ -387,7 +393,8 @@ def test_cli(real, tmp_path, capsys):
   assert common.load_split(out / "test").metadata.total_groups == 5
   assert sudoku.main(["lists", str(lst), "--num-test", "5", "--output-dir", str(out)]) == 1
   assert "already exists" in capsys.readouterr().err
-  assert sudoku.main(["lists", str(lst), "--num-test", "30", "--output-dir", str(out), "--overwrite"]) == 1
+  assert sudoku.main(["lists", str(lst), "--num-test", "30", "--output-dir", str(out),
+                      "--overwrite"]) == 1
   assert "--num-test 30 leaves no train puzzles" in capsys.readouterr().err
   assert sudoku.main(["generate", "--num-train", "3", "--num-test", "2", "--num-aug", "-1",
                       "--output-dir", str(tmp_path / "g")]) == 1
