@@ -27,7 +27,9 @@ def loss_dtype() -> jnp.dtype:
 def log_stablemax(logits: jax.Array, axis: int = -1) -> jax.Array:
   """log(s(x) / sum s(x)) with s(x) = 1/(1-x) for x < 0, else x + 1."""
   x = logits.astype(loss_dtype())
-  s_x = jnp.where(x < 0, 1.0 / (1.0 - x), x + 1.0)
+  # The 1/(1-x) branch sees only x <= 0, so that its gradient stays finite
+  # where the other branch is taken (a NaN there would leak through `where`).
+  s_x = jnp.where(x < 0, 1.0 / (1.0 - jnp.minimum(x, 0.0)), x + 1.0)
   return jnp.log(s_x) - jnp.log(jnp.sum(s_x, axis=axis, keepdims=True))
 
 
