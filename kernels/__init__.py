@@ -32,12 +32,6 @@ def resolve_interpret(interpret: bool | None) -> bool:
   return bool(interpret)
 
 
-def check_backend(op: str, interpret: bool) -> None:
-  if not interpret and jax.default_backend() != "gpu":
-    raise ValueError(f"{op}: the Pallas kernels compile only for a GPU backend "
-                     f"(this one is {jax.default_backend()!r}); pass interpret=True")
-
-
 def is_power_of_2(n: int) -> bool:
   return n >= 1 and (n & (n - 1)) == 0
 

@@ -8,24 +8,28 @@ statistics in float32, logsumexp saved for a backward pass that recomputes the
 probabilities) behind a ``jax.custom_vjp``; ``attention_reference`` is the
 plain-jnp definition it is tested against.
 
-Lowering: these kernels are written for the Pallas *Triton* lowering
-(``pl.pallas_call`` with ``jax.experimental.pallas.triton.CompilerParams``; the
-name exists, with the same two fields, in jax 0.11.2 and 0.12), not for Mosaic
-GPU. TRM's attention is small and awkward for Mosaic GPU: head dims 8 to 64
-(its swizzled shared-memory tiles and warpgroup matmuls want rows of at least
-64-128 bytes and 64-row tiles, so the small heads would need a second code
-path), odd sequence lengths (97, 916), and an fp32 mode; Mosaic GPU also asks
-for explicit pipelines, barriers and warpgroup layouts whose API has changed
-between 0.11 and 0.12, and none of that can be checked without a GPU. The
-Triton lowering takes plain blocked array code, which Pallas interpret mode
-executes faithfully on a CPU, and Triton itself picks Hopper's wgmma and
-software pipelining for the tile matmuls (block sizes, ``num_warps`` and
-``num_stages`` are keyword arguments for tuning). Its cost is a
-DeprecationWarning at lowering time in jax >= 0.11 and Triton's rules, which
-the code respects explicitly since interpret mode does not check them: every
-loaded tile has power-of-two extents of at least 16 (head dims are padded, per
-RoPE half when RoPE is fused), and sequences are zero-padded to whole blocks
-(padded keys are masked in the forward pass; padded query rows are dropped).
+Lowering (the choice made for all of ``kernels/``): Pallas *Triton*
+(``pl.pallas_call`` with ``jax.experimental.pallas.triton.CompilerParams``,
+same name and fields in jax 0.11.2 and 0.12), not Mosaic GPU. TRM's shapes are
+small and awkward for Mosaic GPU's Hopper path: head dims 8 to 64 (16 to 128
+bytes per bf16 row, below or at the edge of its swizzled shared-memory tiles
+and 64-row warpgroup matmuls), odd sequence lengths (97, 916) and a float32
+mode would all need special cases, its API is still moving (about 1,600 changed
+lines in its core, lowering and primitives modules between 0.11.2 and 0.12, new
+deprecations), and its explicit pipelines, barriers and layouts cannot be
+checked without a GPU. The Triton lowering takes plain blocked array code that
+Pallas interpret mode executes faithfully on a CPU, and Triton itself emits
+Hopper's wgmma and software pipelining for the tile matmuls: lowered on a CPU
+host with jax 0.11.2 and compiled offline for sm_90 with Triton 3.6, every
+kernel with a matmul uses wgmma, every kernel fits in shared memory and (at the
+default launch parameters, bf16 and f32) does not spill. Its costs: a
+DeprecationWarning at lowering time in jax >= 0.11, and Triton's rules, which
+interpret mode does not check and the code therefore enforces itself:
+power-of-two tiles of at least 16 (head dims are padded, per RoPE half when the
+halves are separate tiles) and no partial edge blocks (sequences are
+zero-padded to whole blocks; padded keys are masked in the forward pass, padded
+query rows dropped). ``tests/kernels/test_triton_lowering.py`` lowers every
+kernel for CUDA on a CPU-only host to keep this checked.
 """
 
 from __future__ import annotations
@@ -97,10 +101,11 @@ class _Config:
 
 # ----------------------------------------------------------------------------
 # Head-dim layout. Triton's dot wants tiles of >= 16 (power-of-two) columns.
-# Without RoPE the head dim is zero-padded at the end; with RoPE each half is
-# padded separately, so that the kernel can load the two halves as separate
-# tiles (rotate_half pairs column c with column c + K/2) and the zero columns
-# stay out of the dot products.
+# Plain layout: the head dim is zero-padded at the end. Split layout (the
+# forward pass with RoPE): each half is padded separately, so that the kernel
+# can load the two halves as separate tiles (rotate_half pairs column c with
+# column c + K/2; Triton cannot concatenate tiles) and the zero columns stay
+# out of the dot products.
 # ----------------------------------------------------------------------------
 
 
@@ -108,29 +113,29 @@ def _plain_width(head_dim: int) -> int:
   return max(kernels_lib.MIN_DOT_DIM, kernels_lib.next_power_of_2(head_dim))
 
 
-def _rope_half_width(head_dim: int) -> int:
+def _split_half_width(head_dim: int) -> int:
   return max(kernels_lib.MIN_DOT_DIM, kernels_lib.next_power_of_2(head_dim // 2))
 
 
-def _pad_head(x: jax.Array, rope: bool) -> jax.Array:
+def _pad_head(x: jax.Array, split: bool) -> jax.Array:
   head_dim = x.shape[-1]
-  if not rope:
+  if not split:
     return kernels_lib.pad_axis(x, x.ndim - 1, _plain_width(head_dim))
-  half, half_padded = head_dim // 2, _rope_half_width(head_dim)
+  half, half_padded = head_dim // 2, _split_half_width(head_dim)
   if half == half_padded:
     return x
   halves = kernels_lib.pad_axis(x.reshape(*x.shape[:-1], 2, half), x.ndim, half_padded)
   return halves.reshape(*x.shape[:-1], 2 * half_padded)
 
 
-def _unpad_head(x: jax.Array, head_dim: int, rope: bool) -> jax.Array:
-  if not rope:
-    return x[..., :head_dim]
-  half, half_padded = head_dim // 2, x.shape[-1] // 2
-  if half == half_padded:
-    return x
-  halves = x.reshape(*x.shape[:-1], 2, half_padded)[..., :half]
-  return halves.reshape(*x.shape[:-1], head_dim)
+def _pad(x: jax.Array, seq: int, split: bool = False) -> jax.Array:
+  """[B, S, H, K] -> [B, seq, H, padded K], zero-padded."""
+  return kernels_lib.pad_axis(_pad_head(x, split), 1, seq)
+
+
+def _unpad(x: jax.Array, seq_len: int, head_dim: int) -> jax.Array:
+  """Inverse of ``_pad`` for the plain layout."""
+  return x[:, :seq_len, :, :head_dim]
 
 
 # ----------------------------------------------------------------------------
@@ -151,50 +156,31 @@ def _block_rows(index, block: int):
   return pl.ds(start, block)
 
 
-def _load_qk(x_ref, rows, cos_ref, sin_ref, cs_rows) -> tuple[jax.Array, ...]:
-  """Loads rows of q or k as tiles whose pairwise products sum to q . k.
-
-  Without RoPE: one tile ``[rows, K]``. With RoPE: the rotated lower and upper
-  halves, each computed in float32 and cast back to the input dtype (exactly
-  as ``apply_rope``), kept as two tiles since Triton cannot concatenate them.
-  """
-  if cos_ref is None:
-    return (x_ref[rows, :],)
+def _load_halves(x_ref, rows) -> tuple[jax.Array, jax.Array]:
   half = x_ref.shape[-1] // 2
-  lo_cols, hi_cols = pl.ds(0, half), pl.ds(half, half)
-  lo = x_ref[rows, lo_cols]
+  return x_ref[rows, pl.ds(0, half)], x_ref[rows, pl.ds(half, half)]
+
+
+def _load_rotated_halves(x_ref, cos_ref, sin_ref) -> tuple[jax.Array, jax.Array]:
+  """RoPE of a whole [rows, K] block, as its lower and upper halves.
+
+  Computed in float32 and cast back to the input dtype, exactly as
+  ``apply_rope``: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x_hi, x_lo].
+  """
+  lo, hi = _load_halves(x_ref, slice(None))
   dtype = lo.dtype
-  lo = lo.astype(jnp.float32)
-  hi = x_ref[rows, hi_cols].astype(jnp.float32)
-  # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x_hi, x_lo].
-  rot_lo = lo * cos_ref[cs_rows, lo_cols] - hi * sin_ref[cs_rows, lo_cols]
-  rot_hi = hi * cos_ref[cs_rows, hi_cols] + lo * sin_ref[cs_rows, hi_cols]
-  return rot_lo.astype(dtype), rot_hi.astype(dtype)
-
-
-def _store_tiles(ref, tiles) -> None:
-  if len(tiles) == 1:
-    ref[...] = tiles[0].astype(ref.dtype)
-    return
-  half = ref.shape[-1] // 2
-  ref[:, pl.ds(0, half)] = tiles[0].astype(ref.dtype)
-  ref[:, pl.ds(half, half)] = tiles[1].astype(ref.dtype)
+  lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+  cos_lo, cos_hi = _load_halves(cos_ref, slice(None))
+  sin_lo, sin_hi = _load_halves(sin_ref, slice(None))
+  return (lo * cos_lo - hi * sin_lo).astype(dtype), (hi * cos_hi + lo * sin_hi).astype(dtype)
 
 
 def _logits(q_tiles, k_tiles, precision) -> jax.Array:
-  """q . k^T in float32, summed over the tiles (RoPE halves)."""
+  """q . k^T in float32, summed over matching tiles (the halves, if split)."""
   logits = _dot(q_tiles[0], k_tiles[0], _A_BT, precision)
   for q_tile, k_tile in zip(q_tiles[1:], k_tiles[1:]):
     logits += _dot(q_tile, k_tile, _A_BT, precision)
   return logits
-
-
-def _split_refs(refs, rope: bool, num_inputs: int):
-  """(inputs, cos_ref, sin_ref, outputs); cos/sin follow the inputs if any."""
-  inputs = refs[:num_inputs]
-  if rope:
-    return inputs, refs[num_inputs], refs[num_inputs + 1], refs[num_inputs + 2:]
-  return inputs, None, None, refs[num_inputs:]
 
 
 # ----------------------------------------------------------------------------
@@ -202,19 +188,30 @@ def _split_refs(refs, rope: bool, num_inputs: int):
 # fastest-varying launch index, so programs that share K/V run together.
 # Softmax statistics are kept in base 2 (exp2 is the native instruction):
 # lse2 = log2(sum(exp2(logits * log2(e)))).
+#
+# RoPE: the forward kernel rotates its q block itself (once per program, from
+# the matching rows of the cos/sin tables). k is rotated beforehand by XLA:
+# every q block reads every k block, so rotating k inside the kernel would
+# repeat the rotation, and the table reads, S / block_q times. The backward
+# kernels take the rotated q and k (each is read by every block of the other)
+# and return gradients w.r.t. them; RoPE's VJP maps those back outside.
 # ----------------------------------------------------------------------------
 
 
 def _forward_kernel(*refs, rope: bool, seq_len: int, block_k: int, num_k_blocks: int,
                     scale_log2: float, precision):
-  (q_ref, k_ref, v_ref), cos_ref, sin_ref, (out_ref, lse2_ref) = _split_refs(refs, rope, 3)
+  if rope:
+    q_ref, cos_ref, sin_ref, k_ref, v_ref, out_ref, lse2_ref = refs
+    q_tiles = _load_rotated_halves(q_ref, cos_ref, sin_ref)
+  else:
+    q_ref, k_ref, v_ref, out_ref, lse2_ref = refs
+    q_tiles = (q_ref[...],)
   block_q = q_ref.shape[0]
-  q_tiles = _load_qk(q_ref, slice(None), cos_ref, sin_ref, _block_rows(pl.program_id(0), block_q))
 
   def step(j, carry, mask_padded_keys: bool):
     acc, row_max, row_sum = carry
     k_rows = _block_rows(j, block_k)
-    k_tiles = _load_qk(k_ref, k_rows, cos_ref, sin_ref, k_rows)
+    k_tiles = _load_halves(k_ref, k_rows) if rope else (k_ref[k_rows, :],)
     v = v_ref[k_rows, :]
     logits2 = _logits(q_tiles, k_tiles, precision) * scale_log2
     if mask_padded_keys:
@@ -241,12 +238,12 @@ def _forward_kernel(*refs, rope: bool, seq_len: int, block_k: int, num_k_blocks:
   lse2_ref[...] = row_max + jnp.log2(row_sum)
 
 
-def _probs_and_dlogits(q_tiles, k_tiles, v, do, lse2, delta, scale_log2, precision):
+def _probs_and_dlogits(q, k, v, do, lse2, delta, scale_log2, precision):
   """Recomputed softmax probabilities and d loss / d logits (unscaled)."""
-  probs = jnp.exp2(_logits(q_tiles, k_tiles, precision) * scale_log2 - lse2[:, None])
+  probs = jnp.exp2(_dot(q, k, _A_BT, precision) * scale_log2 - lse2[:, None])
   dprobs = _dot(do, v, _A_BT, precision)
   dlogits = probs * (dprobs - delta[:, None])
-  return probs, dlogits.astype(q_tiles[0].dtype)
+  return probs, dlogits.astype(q.dtype)
 
 
 # In the backward kernels padded rows need no mask: padded keys have k = v = 0
@@ -254,54 +251,45 @@ def _probs_and_dlogits(q_tiles, k_tiles, v, do, lse2, delta, scale_log2, precisi
 # and lse = 0, so they add nothing to dk/dv and their dq rows are dropped.
 
 
-def _dkdv_kernel(*refs, rope: bool, block_q: int, num_q_blocks: int, sm_scale: float,
-                 scale_log2: float, precision):
-  ((q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), cos_ref, sin_ref,
-   (dk_ref, dv_ref)) = _split_refs(refs, rope, 6)
-  block_k = k_ref.shape[0]
-  k_tiles = _load_qk(k_ref, slice(None), cos_ref, sin_ref, _block_rows(pl.program_id(0), block_k))
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, *,
+                 block_q: int, num_q_blocks: int, sm_scale: float, scale_log2: float,
+                 precision):
+  k = k_ref[...]
   v = v_ref[...]
 
   def body(i, carry):
-    dv, dk_tiles = carry
+    dk, dv = carry
     q_rows = _block_rows(i, block_q)
-    q_tiles = _load_qk(q_ref, q_rows, cos_ref, sin_ref, q_rows)
+    q = q_ref[q_rows, :]
     do = do_ref[q_rows, :]
-    probs, dlogits = _probs_and_dlogits(q_tiles, k_tiles, v, do, lse2_ref[q_rows],
-                                        delta_ref[q_rows], scale_log2, precision)
-    dv = dv + _dot(probs.astype(do.dtype), do, _AT_B, precision)
-    dk_tiles = tuple(dk + _dot(dlogits, q_tile, _AT_B, precision)
-                     for dk, q_tile in zip(dk_tiles, q_tiles))
-    return dv, dk_tiles
+    probs, dlogits = _probs_and_dlogits(q, k, v, do, lse2_ref[q_rows], delta_ref[q_rows],
+                                        scale_log2, precision)
+    dv += _dot(probs.astype(do.dtype), do, _AT_B, precision)
+    dk += _dot(dlogits, q, _AT_B, precision)
+    return dk, dv
 
-  carry = (jnp.zeros(v.shape, jnp.float32),
-           tuple(jnp.zeros(t.shape, jnp.float32) for t in k_tiles))
-  dv, dk_tiles = lax.fori_loop(0, num_q_blocks, body, carry)
+  dk, dv = lax.fori_loop(0, num_q_blocks, body, (jnp.zeros(k.shape, jnp.float32),
+                                                 jnp.zeros(v.shape, jnp.float32)))
+  dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
-  _store_tiles(dk_ref, [dk * sm_scale for dk in dk_tiles])
 
 
-def _dq_kernel(*refs, rope: bool, block_k: int, num_k_blocks: int, sm_scale: float,
-               scale_log2: float, precision):
-  ((q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), cos_ref, sin_ref,
-   (dq_ref,)) = _split_refs(refs, rope, 6)
-  block_q = q_ref.shape[0]
-  q_tiles = _load_qk(q_ref, slice(None), cos_ref, sin_ref, _block_rows(pl.program_id(0), block_q))
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *, block_k: int,
+               num_k_blocks: int, sm_scale: float, scale_log2: float, precision):
+  q = q_ref[...]
   do = do_ref[...]
   lse2 = lse2_ref[...]
   delta = delta_ref[...]
 
-  def body(j, dq_tiles):
+  def body(j, dq):
     k_rows = _block_rows(j, block_k)
-    k_tiles = _load_qk(k_ref, k_rows, cos_ref, sin_ref, k_rows)
-    _, dlogits = _probs_and_dlogits(q_tiles, k_tiles, v_ref[k_rows, :], do, lse2, delta,
-                                    scale_log2, precision)
-    return tuple(dq + _dot(dlogits, k_tile, _A_B, precision)
-                 for dq, k_tile in zip(dq_tiles, k_tiles))
+    k = k_ref[k_rows, :]
+    _, dlogits = _probs_and_dlogits(q, k, v_ref[k_rows, :], do, lse2, delta, scale_log2,
+                                    precision)
+    return dq + _dot(dlogits, k, _A_B, precision)
 
-  dq_tiles = lax.fori_loop(0, num_k_blocks, body,
-                           tuple(jnp.zeros(t.shape, jnp.float32) for t in q_tiles))
-  _store_tiles(dq_ref, [dq * sm_scale for dq in dq_tiles])
+  dq = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -319,33 +307,24 @@ def _seq_full_spec(seq: int, width: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, seq, None, width), lambda s, h, b: (b, 0, h, 0))
 
 
-def _rope_tables(cos_SxK, sin_SxK, length: int):
-  """cos/sin in float32, head dim laid out like q/k, zero-padded to length."""
-  return [kernels_lib.pad_axis(_pad_head(t.astype(jnp.float32), rope=True), 0, length)
-          for t in (cos_SxK, sin_SxK)]
-
-
-def _rope_specs(tables):
-  return [pl.BlockSpec(t.shape, lambda s, h, b: (0, 0)) for t in tables]
-
-
 def _forward(q, k, v, cos, sin, cfg: _Config):
   """Returns the output [B, S, H, K] and lse2 [B, H, S] (base-2 logsumexp)."""
   batch, seq_len, heads, head_dim = q.shape
   rope = cos is not None
   seq_q = kernels_lib.round_up(seq_len, cfg.block_q)
   seq_k = kernels_lib.round_up(seq_len, cfg.block_k)
-  q_p = kernels_lib.pad_axis(_pad_head(q, rope), 1, seq_q)
-  k_p = kernels_lib.pad_axis(_pad_head(k, rope), 1, seq_k)
-  v_p = kernels_lib.pad_axis(_pad_head(v, False), 1, seq_k)
-  width_qk, width_v = q_p.shape[-1], v_p.shape[-1]
-  args = [q_p, k_p, v_p]
-  in_specs = [_seq_block_spec(cfg.block_q, width_qk), _seq_full_spec(seq_k, width_qk),
-              _seq_full_spec(seq_k, width_v)]
   if rope:
-    tables = _rope_tables(cos, sin, max(seq_q, seq_k))
-    args += tables
-    in_specs += _rope_specs(tables)
+    k = apply_rope(k, cos, sin)
+  q_p, k_p, v_p = _pad(q, seq_q, rope), _pad(k, seq_k, rope), _pad(v, seq_k)
+  width_qk, width_v = q_p.shape[-1], v_p.shape[-1]
+  args, in_specs = [q_p], [_seq_block_spec(cfg.block_q, width_qk)]
+  if rope:
+    # float32, laid out like q, the rows of a q block per program.
+    for table in (cos, sin):
+      args.append(kernels_lib.pad_axis(_pad_head(table.astype(jnp.float32), True), 0, seq_q))
+      in_specs.append(pl.BlockSpec((cfg.block_q, width_qk), lambda s, h, b: (s, 0)))
+  args += [k_p, v_p]
+  in_specs += [_seq_full_spec(seq_k, width_qk), _seq_full_spec(seq_k, width_v)]
   kernel = functools.partial(
       _forward_kernel, rope=rope, seq_len=seq_len, block_k=cfg.block_k,
       num_k_blocks=seq_k // cfg.block_k, scale_log2=cfg.sm_scale * _LOG2_E,
@@ -362,13 +341,12 @@ def _forward(q, k, v, cos, sin, cfg: _Config):
       interpret=cfg.interpret,
       name="trm_attention_fwd",
   )(*args)
-  return _unpad_head(out_p[:, :seq_len], head_dim, False), lse2_p[:, :, :seq_len]
+  return _unpad(out_p, seq_len, head_dim), lse2_p[:, :, :seq_len]
 
 
-def _backward(q, k, v, cos, sin, out, lse2, do, cfg: _Config):
-  """Returns dq, dk (w.r.t. the RoPE-rotated q, k when RoPE is on) and dv."""
+def _backward(q, k, v, out, lse2, do, cfg: _Config):
+  """dq, dk, dv for (already RoPE-rotated, if RoPE is on) q and k."""
   batch, seq_len, heads, head_dim = q.shape
-  rope = cos is not None
   block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
   seq_q = kernels_lib.round_up(seq_len, block_q)
   seq_k = kernels_lib.round_up(seq_len, block_k)
@@ -376,51 +354,43 @@ def _backward(q, k, v, cos, sin, out, lse2, do, cfg: _Config):
   delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   delta = kernels_lib.pad_axis(jnp.swapaxes(delta, 1, 2), 2, seq_q)
   lse2 = kernels_lib.pad_axis(lse2, 2, seq_q)
-  q_p = kernels_lib.pad_axis(_pad_head(q, rope), 1, seq_q)
-  k_p = kernels_lib.pad_axis(_pad_head(k, rope), 1, seq_k)
-  v_p = kernels_lib.pad_axis(_pad_head(v, False), 1, seq_k)
-  do_p = kernels_lib.pad_axis(_pad_head(do, False), 1, seq_q)
-  width_qk, width_v = q_p.shape[-1], v_p.shape[-1]
+  q_p, k_p, v_p, do_p = _pad(q, seq_q), _pad(k, seq_k), _pad(v, seq_k), _pad(do, seq_q)
+  width = q_p.shape[-1]
   args = [q_p, k_p, v_p, do_p, lse2, delta]
-  tables = _rope_tables(cos, sin, max(seq_q, seq_k)) if rope else []
-  rope_specs = _rope_specs(tables)
   stats_full = pl.BlockSpec((None, None, seq_q), lambda s, h, b: (b, h, 0))
   stats_block = pl.BlockSpec((None, None, block_q), lambda s, h, b: (b, h, s))
-  statics = dict(rope=rope, sm_scale=cfg.sm_scale, scale_log2=cfg.sm_scale * _LOG2_E,
+  statics = dict(sm_scale=cfg.sm_scale, scale_log2=cfg.sm_scale * _LOG2_E,
                  precision=cfg.precision)
 
   dk_p, dv_p = pl.pallas_call(
       functools.partial(_dkdv_kernel, block_q=block_q, num_q_blocks=seq_q // block_q,
                         **statics),
       grid=(seq_k // block_k, heads, batch),
-      in_specs=[_seq_full_spec(seq_q, width_qk), _seq_block_spec(block_k, width_qk),
-                _seq_block_spec(block_k, width_v), _seq_full_spec(seq_q, width_v),
-                stats_full, stats_full, *rope_specs],
-      out_specs=[_seq_block_spec(block_k, width_qk), _seq_block_spec(block_k, width_v)],
+      in_specs=[_seq_full_spec(seq_q, width), _seq_block_spec(block_k, width),
+                _seq_block_spec(block_k, width), _seq_full_spec(seq_q, width),
+                stats_full, stats_full],
+      out_specs=[_seq_block_spec(block_k, width)] * 2,
       out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype),
                  jax.ShapeDtypeStruct(v_p.shape, v.dtype)],
       compiler_params=cfg.params_bwd,
       interpret=cfg.interpret,
       name="trm_attention_bwd_dkdv",
-  )(*args, *tables)
+  )(*args)
 
   dq_p = pl.pallas_call(
       functools.partial(_dq_kernel, block_k=block_k, num_k_blocks=seq_k // block_k,
                         **statics),
       grid=(seq_q // block_q, heads, batch),
-      in_specs=[_seq_block_spec(block_q, width_qk), _seq_full_spec(seq_k, width_qk),
-                _seq_full_spec(seq_k, width_v), _seq_block_spec(block_q, width_v),
-                stats_block, stats_block, *rope_specs],
-      out_specs=_seq_block_spec(block_q, width_qk),
+      in_specs=[_seq_block_spec(block_q, width), _seq_full_spec(seq_k, width),
+                _seq_full_spec(seq_k, width), _seq_block_spec(block_q, width),
+                stats_block, stats_block],
+      out_specs=_seq_block_spec(block_q, width),
       out_shape=jax.ShapeDtypeStruct(q_p.shape, q.dtype),
       compiler_params=cfg.params_bwd,
       interpret=cfg.interpret,
       name="trm_attention_bwd_dq",
-  )(*args, *tables)
-
-  dq = _unpad_head(dq_p[:, :seq_len], head_dim, rope)
-  dk = _unpad_head(dk_p[:, :seq_len], head_dim, rope)
-  return dq, dk, _unpad_head(dv_p[:, :seq_len], head_dim, False)
+  )(*args)
+  return tuple(_unpad(g, seq_len, head_dim) for g in (dq_p, dk_p, dv_p))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -435,16 +405,17 @@ def _attention_fwd(q, k, v, cos, sin, cfg: _Config):
 
 def _attention_bwd(cfg: _Config, residuals, do):
   q, k, v, cos, sin, out, lse2 = residuals
-  dq, dk, dv = _backward(q, k, v, cos, sin, out, lse2, do, cfg)
   if cos is None:
+    dq, dk, dv = _backward(q, k, v, out, lse2, do, cfg)
     return dq, dk, dv, None, None
-  # The kernels return gradients w.r.t. the rotated q and k; RoPE's own VJP
-  # (an elementwise op that XLA fuses; its cos/sin part is dropped by XLA when
-  # unused) maps them back and gives exact cos/sin gradients.
-  _, rope_vjp_q = jax.vjp(apply_rope, q, cos, sin)
-  _, rope_vjp_k = jax.vjp(apply_rope, k, cos, sin)
-  dq, dcos_q, dsin_q = rope_vjp_q(dq)
-  dk, dcos_k, dsin_k = rope_vjp_k(dk)
+  # Rotate q and k once (an elementwise op that XLA fuses), run the plain
+  # backward on them, and map the gradients back with RoPE's own VJP, which
+  # also gives exact cos/sin gradients (XLA drops that part when unused).
+  q_rot, rope_vjp_q = jax.vjp(apply_rope, q, cos, sin)
+  k_rot, rope_vjp_k = jax.vjp(apply_rope, k, cos, sin)
+  dq_rot, dk_rot, dv = _backward(q_rot, k_rot, v, out, lse2, do, cfg)
+  dq, dcos_q, dsin_q = rope_vjp_q(dq_rot)
+  dk, dcos_k, dsin_k = rope_vjp_k(dk_rot)
   return dq, dk, dv, dcos_q + dcos_k, dsin_q + dsin_k
 
 
@@ -457,15 +428,16 @@ def attention(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
               block_q: int = 64, block_k: int = 64,
               block_q_bwd: int = 64, block_k_bwd: int = 64,
               num_warps: int = 4, num_stages: int = 3,
-              num_warps_bwd: int = 4, num_stages_bwd: int = 2,
+              num_warps_bwd: int = 8, num_stages_bwd: int = 2,
               precision: lax.Precision | None = None,
               interpret: bool | None = None) -> jax.Array:
   """Fused attention; same math, dtypes and layout as ``attention_reference``.
 
   Args:
     q_BxSxHxK, k_BxSxHxK, v_BxSxHxK: same shape and float dtype; head dim <= 64.
-    cos_SxK, sin_SxK: RoPE tables (both or neither), applied to q and k inside
-      the kernel in float32 (half-split layout, like ``apply_rope``).
+    cos_SxK, sin_SxK: RoPE tables (both or neither; half-split layout, float32
+      math, like ``apply_rope``). The forward kernel rotates q itself; k is
+      rotated once by XLA beforehand (each k block is read by every q block).
     sm_scale: softmax scale; default ``K ** -0.5``.
     block_q, block_k: forward tile sizes along the query / key sequence
       (powers of two >= 16; shrunk for short sequences). The sequence is
@@ -509,7 +481,6 @@ def attention(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
                       ("block_q_bwd", block_q_bwd), ("block_k_bwd", block_k_bwd)):
     blocks[name] = kernels_lib.fit_block(kernels_lib.check_block(op, name, value), seq_len)
   interpret = kernels_lib.resolve_interpret(interpret)
-  kernels_lib.check_backend(op, interpret)
   cfg = _Config(
       sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
       params=kernels_lib.compiler_params(num_warps, num_stages),

@@ -147,7 +147,6 @@ def residual_rms_norm(x: jax.Array, residual: jax.Array, *, eps: float,
   kernels_lib.check_block(op, "block_rows", block_rows, minimum=1)
   block_rows = min(block_rows, kernels_lib.next_power_of_2(rows))
   interpret = kernels_lib.resolve_interpret(interpret)
-  kernels_lib.check_backend(op, interpret)
   cfg = _Config(eps=float(eps), block_rows=block_rows,
                 params=kernels_lib.compiler_params(num_warps, num_stages), interpret=interpret)
   return _residual_rms_norm(x, residual, cfg)

@@ -323,7 +323,6 @@ def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
   for value in matmul_blocks:
     kernels_lib.check_block(op, "matmul_blocks", value)
   interpret = kernels_lib.resolve_interpret(interpret)
-  kernels_lib.check_backend(op, interpret)
   cfg = _Config(
       block_rows=kernels_lib.fit_block(block_rows, x.size // width),
       block_inter=kernels_lib.fit_block(block_inter, inter),

@@ -40,7 +40,10 @@ def linear_functional_grads(fn, args, argnums, key):
     w = jax.random.normal(key, out.shape, jnp.float32)
     return jnp.sum(out.astype(jnp.float32) * w), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
+  # Full float32 dots on both sides: on a GPU, kernels and XLA would otherwise
+  # both use TF32, rounded differently (no effect on a CPU).
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
   return out, grads
 
 
