@@ -3,8 +3,9 @@
 ``residual_rms_norm`` is a Pallas kernel (Triton lowering, see
 ``kernels/attention.py`` for why) behind a ``jax.custom_vjp``: one pass reads
 ``x`` and ``residual`` and writes the normalised sum; the backward pass
-recomputes the sum and its statistics from the inputs (cheaper than storing
-them for a memory-bound op) and writes one gradient, shared by both inputs.
+recomputes the sum and its statistics in float32 from the inputs (the output,
+rounded to bf16, would be a lossy residual) and writes one gradient, shared by
+both inputs.
 Rows are flattened from the leading axes; the normalised axis is zero-padded
 to a power of two (Triton tiles), which leaves the sum of squares unchanged.
 """

@@ -5,12 +5,17 @@ for why) behind a ``jax.custom_vjp``:
 
 - forward: one kernel computes both projections of a row block and applies
   the gate, ``h = silu(x @ W_gate) * (x @ W_up)``, so the ``[N, 2I]``
-  projection never reaches memory; a tiled matmul kernel computes
-  ``h @ W_down``.
+  projection never reaches memory; a plain matmul computes ``h @ W_down``.
 - backward: one kernel recomputes the gate and up projections, computes
   ``dh = dout @ W_down^T`` in the same loop over D, and writes ``h`` and
-  ``d[gate, up]``; three tiled matmuls give ``dx``, ``dW_gate_up`` and
+  ``d[gate, up]``; three plain matmuls give ``dx``, ``dW_gate_up`` and
   ``dW_down`` (weight gradients accumulated in float32).
+
+The plain matmuls have nothing to fuse. By default (``matmul_impl="xla"``)
+they are XLA dots (cuBLAS on GPU, which splits the long reduction of the
+weight gradients, K = rows, across the chip); ``matmul_impl="pallas"`` runs
+them as a tiled Pallas matmul kernel instead (no split-K: the weight-gradient
+grid is only (D/128) x (2I/128) programs), kept for benchmarking the two.
 
 Keeping the whole MLP of a row block on chip would need a ``[rows, D]``
 float32 accumulator next to the ``[rows, I]`` tiles: with D = 512 (ARC, maze)
@@ -58,6 +63,7 @@ class _Config:
   block_rows: int
   block_inter: int
   block_width: int
+  matmul_impl: str
   matmul_blocks: tuple[int, int, int]
   params: pltriton.CompilerParams
   params_bwd: pltriton.CompilerParams
@@ -160,7 +166,14 @@ def _matmul_kernel(a_ref, b_ref, out_ref, *, transpose_a: bool, transpose_b: boo
 
 
 def _matmul(a, b, cfg: _Config, *, transpose_a=False, transpose_b=False, out_dtype=None):
-  """a @ b (a stored [K, M] if transpose_a, b stored [N, K] if transpose_b)."""
+  """a @ b (a stored [K, M] if transpose_a, b stored [N, K] if transpose_b).
+
+  Accumulates in float32; the result has ``out_dtype`` (default: a's dtype).
+  """
+  out_dtype = out_dtype or a.dtype
+  if cfg.matmul_impl == "xla":
+    contract = ((0,) if transpose_a else (1,), (1,) if transpose_b else (0,))
+    return _dot(a, b, contract, cfg.precision).astype(out_dtype)
   m, k = a.shape[::-1] if transpose_a else a.shape
   n = b.shape[0] if transpose_b else b.shape[1]
   block_m, block_n, block_k = (_tile(extent, pref)
@@ -175,7 +188,7 @@ def _matmul(a, b, cfg: _Config, *, transpose_a=False, transpose_b=False, out_dty
       grid=(n // block_n, m // block_m),
       in_specs=[a_spec, b_spec],
       out_specs=pl.BlockSpec((block_m, block_n), lambda j, i: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype or a.dtype),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       compiler_params=cfg.matmul_params,
       interpret=cfg.interpret,
       name="trm_swiglu_matmul",
@@ -272,7 +285,7 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
            block_rows: int = 64, block_inter: int = 64, block_width: int = 64,
-           matmul_blocks: tuple[int, int, int] = (128, 128, 32),
+           matmul_impl: str = "xla", matmul_blocks: tuple[int, int, int] = (128, 128, 32),
            num_warps: int = 4, num_stages: int = 3,
            num_warps_bwd: int = 4, num_stages_bwd: int = 2,
            matmul_num_warps: int = 8, matmul_num_stages: int = 3,
@@ -287,9 +300,10 @@ def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
     block_rows, block_inter, block_width: tiles of the fused gate/up kernels
       along rows, I and D (powers of two >= 16; shrunk for small inputs).
       Rows, D and I are zero-padded to multiples of them.
-    matmul_blocks: preferred (M, N, K) tiles of the plain matmul kernels
-      (down projection and the three backward matmuls), shrunk to divide the
-      padded extents.
+    matmul_impl: ``"xla"`` or ``"pallas"``: how the plain matmuls (down
+      projection and the three backward matmuls) run.
+    matmul_blocks: preferred (M, N, K) tiles of the Pallas matmul kernel,
+      shrunk to divide the padded extents.
     num_warps, num_stages, num_warps_bwd, num_stages_bwd, matmul_num_warps,
       matmul_num_stages: Triton launch parameters of the forward / backward
       gate-up kernels and of the matmul kernels.
@@ -318,6 +332,8 @@ def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
   for name, value in (("block_rows", block_rows), ("block_inter", block_inter),
                       ("block_width", block_width)):
     kernels_lib.check_block(op, name, value)
+  if matmul_impl not in ("xla", "pallas"):
+    raise ValueError(f"{op}: matmul_impl must be 'xla' or 'pallas', got {matmul_impl!r}")
   if len(matmul_blocks) != 3:
     raise ValueError(f"{op}: matmul_blocks must be (M, N, K), got {matmul_blocks!r}")
   for value in matmul_blocks:
@@ -327,6 +343,7 @@ def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
       block_rows=kernels_lib.fit_block(block_rows, x.size // width),
       block_inter=kernels_lib.fit_block(block_inter, inter),
       block_width=kernels_lib.fit_block(block_width, width),
+      matmul_impl=matmul_impl,
       matmul_blocks=tuple(matmul_blocks),
       params=kernels_lib.compiler_params(num_warps, num_stages),
       params_bwd=kernels_lib.compiler_params(num_warps_bwd, num_stages_bwd),

@@ -18,12 +18,13 @@ def inter_width(width: int, expansion: float = 4.0) -> int:
 # 512; the mlp_t variant runs over positions: D = S + P in {32, 97, 916}.
 CASES = {
     "d64_f32": ((3, 10), 64, jnp.float32, {}),
-    "d64_f32_small_tiles": ((2, 9), 64, jnp.float32,
-                            dict(block_rows=16, block_inter=32, block_width=16,
-                                 matmul_blocks=(16, 32, 16))),
+    "d64_f32_small_tiles_pallas_matmul": (
+        (2, 9), 64, jnp.float32,
+        dict(block_rows=16, block_inter=32, block_width=16, matmul_impl="pallas",
+             matmul_blocks=(16, 32, 16))),
     "d512_bf16": ((2, 9), 512, jnp.bfloat16, {}),
     "mlp_t_d32_f32": ((5,), 32, jnp.float32, {}),
-    "mlp_t_d97_bf16": ((2, 12), 97, jnp.bfloat16, {}),
+    "mlp_t_d97_bf16_pallas_matmul": ((2, 12), 97, jnp.bfloat16, dict(matmul_impl="pallas")),
     "mlp_t_d916_f32": ((1, 3), 916, jnp.float32, {}),
 }
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -56,7 +57,8 @@ def test_non_multiple_of_256_inter_width(assert_close, value_and_grads):
   w_gate_up = jax.random.normal(keys[1], (48, 2 * 40)) / math.sqrt(48)
   w_down = jax.random.normal(keys[2], (40, 48)) / math.sqrt(40)
   args = [x, w_gate_up, w_down]
-  out, grads = value_and_grads(lambda *a: swiglu_lib.swiglu(*a, block_inter=32), args,
+  out, grads = value_and_grads(
+      lambda *a: swiglu_lib.swiglu(*a, block_inter=32, matmul_impl="pallas"), args,
                                (0, 1, 2), keys[3])
   ref_out, ref_grads = value_and_grads(swiglu_lib.swiglu_reference, args, (0, 1, 2), keys[3])
   assert_close(out, ref_out, 2e-5, "output")
@@ -70,6 +72,7 @@ def test_non_multiple_of_256_inter_width(assert_close, value_and_grads):
     (((4, 64), (64, 512), (256,)), {}, "w_down must be 2-D"),
     (((4, 0), (0, 512), (256, 0)), {}, "non-empty"),
     (((4, 64), (64, 512), (256, 64)), dict(block_inter=96), "block_inter must be a power of two"),
+    (((4, 64), (64, 512), (256, 64)), dict(matmul_impl="cublas"), "matmul_impl must be"),
     (((4, 64), (64, 512), (256, 64)), dict(matmul_blocks=(64, 64)), r"matmul_blocks must be \(M"),
     (((4, 64), (64, 512), (256, 64)), dict(matmul_blocks=(64, 64, 8)), "matmul_blocks must be a"),
 ])

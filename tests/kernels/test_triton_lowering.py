@@ -78,13 +78,14 @@ def test_rms_norm_lowers(h100, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("matmul_impl, num_matmul_kernels", [("xla", 0), ("pallas", 4)])
 @pytest.mark.parametrize("shape, inter", [((2, 916, 512), 1536), ((2, 512, 97), 512),
                                           ((2, 512, 916), 2560), ((4, 97, 64), 256)])
-def test_swiglu_lowers(h100, dtype, shape, inter):
+def test_swiglu_lowers(h100, dtype, matmul_impl, num_matmul_kernels, shape, inter):
   width = shape[-1]
   text = lower_for_cuda(
-      lambda *a: swiglu_lib.swiglu(*a, interpret=False), jax.ShapeDtypeStruct(shape, dtype),
-      jax.ShapeDtypeStruct((width, 2 * inter), jnp.float32),
+      lambda *a: swiglu_lib.swiglu(*a, matmul_impl=matmul_impl, interpret=False),
+      jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((width, 2 * inter), jnp.float32),
       jax.ShapeDtypeStruct((inter, width), jnp.float32))
   assert kernel_names(text) == ["trm_swiglu_gate_up", "trm_swiglu_gate_up_bwd"] + [
-      "trm_swiglu_matmul"] * 4
+      "trm_swiglu_matmul"] * num_matmul_kernels
