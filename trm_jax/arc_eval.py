@@ -103,13 +103,23 @@ class ARCEvaluator:
   """Pools the predictions of every augmented version per original test input."""
 
   def __init__(self, dataset_dir: str | os.PathLike, pass_ks: Sequence[int] = (1, 2, 5, 10, 100, 1000),
-               submission_k: int = 2, blank_identifier_id: int = 0, aggregated_voting: bool = True):
-    """``aggregated_voting`` (the original's default): ``begin_eval`` keeps earlier predictions."""
+               submission_k: int = 2, blank_identifier_id: int | None = None, aggregated_voting: bool = True):
+    """Reads ``identifiers.json`` and ``test_puzzles.json`` of ``dataset_dir``.
+
+    ``blank_identifier_id``: the padding rows' identifier; by default the test
+    split's ``dataset.json`` value (0 when there is none).
+    ``aggregated_voting`` (the original's default, True): ``begin_eval`` keeps
+    the predictions of earlier evaluations, so votes pool across evaluations
+    of the same evaluator; False starts each evaluation afresh.
+    """
     dataset_dir = pathlib.Path(dataset_dir)
     self.pass_ks = tuple(int(k) for k in pass_ks)
     self.submission_k = int(submission_k)
     if self.submission_k < 1:
       raise ValueError(f"submission_k must be >= 1, got {submission_k}")
+    if blank_identifier_id is None:
+      meta_path = dataset_dir / "test" / "dataset.json"
+      blank_identifier_id = _read_json(meta_path, dict).get("blank_identifier_id", 0) if meta_path.is_file() else 0
     self.blank_identifier_id = int(blank_identifier_id)
     self.aggregated_voting = aggregated_voting
     self.identifiers = _read_json(dataset_dir / "identifiers.json", list)
