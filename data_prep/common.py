@@ -210,6 +210,11 @@ class DatasetWriter:
     self.output_dir.parent.mkdir(parents=True, exist_ok=True)
     self.tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.building-",
                                                  dir=self.output_dir.parent))
+    # mkdtemp makes the directory private (0700); the finished dataset gets the
+    # usual permissions (0777 less the umask), like any directory made by mkdir.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(self.tmp_dir, 0o777 & ~umask)
     return self
 
   def set_writer(self, split: str, set_name: str, seq_len: int, vocab_size: int) -> SetWriter:
