@@ -47,8 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from trm_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]) +
-                                             (":" + FLAGS["config"].value.get("_arg", "") if False else ""))
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:
     train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.mode == "train":

@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluators = ""  # comma-separated extra evaluators: "arc", "maze" (exact accuracy is always reported)
   c.arc_pass_ks = (1, 2, 5, 10, 100, 1000)  # ARC pass@K reported
   c.arc_submission_k = 2  # attempts per test input in submission.json
+  c.arc_aggregated_voting = True  # pool ARC votes over every evaluation of a run (the original's default)
   c.best_metric = "all/exact_accuracy"  # evaluation metric that picks the best checkpoint
   c.best_mode = "max"  # "max" or "min"
 

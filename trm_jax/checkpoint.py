@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "carry", "data", "meta")
+ITEMS = ("state", "carry", "data", "meta", "evaluators")
 # Config keys that change the shapes or the structure of the saved state: a
 # checkpoint cannot continue under a config that differs in one of these.
 STRUCTURAL_KEYS = (
@@ -89,11 +89,15 @@ class Checkpointer:
     return self.best.latest_step() if self.best is not None else None
 
   def save(self, step: int, state: Any, carry: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
-           best: bool = False) -> None:
-    """Saves to the latest-N set (and, with ``best``, as the new best)."""
+           evaluators: Any = None, best: bool = False) -> None:
+    """Saves to the latest-N set (and, with ``best``, as the new best).
+
+    ``evaluators``: JSON state of the run's evaluators (pooled ARC votes).
+    """
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state), carry=ocp.args.PyTreeSave(carry),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta),
+        evaluators=ocp.args.JsonSave({"states": evaluators}))
     if step not in self.latest.all_steps():
       self.latest.save(step, args=args)
     if best and self.best is not None:
@@ -110,6 +114,10 @@ class Checkpointer:
     if step is None:
       return None
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def read_evaluators(self, step: int, *, from_best: bool = False) -> Any:
+    manager = self.best if from_best else self.latest
+    return manager.restore(step, args=ocp.args.Composite(evaluators=ocp.args.JsonRestore())).evaluators["states"]
 
   def restore(self, abstract_state: Any, abstract_carry: Any, step: int | None = None, *,
               from_best: bool = False) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:

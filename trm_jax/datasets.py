@@ -25,7 +25,11 @@ def build(kind: str, output_dir: pathlib.Path, args: dict[str, Any]) -> None:
     maze.build_generated(output_dir, **args)
   elif kind == "arc":
     from data_prep import arc  # pylint: disable=g-import-not-at-top
-    arc.build_dataset(output_dir=output_dir, **args)
+    args = dict(args)
+    prefix = args.pop("input_file_prefix", None) or arc.default_input_prefix()
+    subsets = [arc.SubsetFiles.from_prefix(prefix, name)
+               for name in args.pop("subsets", ("training", "evaluation", "concept"))]
+    arc.build_arc_dataset(subsets, args.pop("test_set_name", "evaluation"), output_dir, **args)
   else:
     raise ValueError(f"data_build={kind!r}: expected one of {BUILDERS}")
 

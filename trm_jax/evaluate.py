@@ -20,6 +20,10 @@ EVALUATORS = ("arc", "maze")
 
 
 class Evaluator(Protocol):
+  """Lives for a whole run; ``begin_eval`` starts each evaluation."""
+
+  def begin_eval(self) -> None:
+    ...
 
   def update(self, set_name: str, batch: Mapping[str, np.ndarray]) -> None:
     ...
@@ -27,13 +31,29 @@ class Evaluator(Protocol):
   def result(self, output_dir: pathlib.Path | None) -> dict[str, float]:
     ...
 
+  def state(self) -> Any:
+    """What must survive a resume (JSON-serialisable)."""
+    ...
+
+  def load_state(self, state: Any) -> None:
+    ...
+
 
 class ARCEvaluator:
-  """Crop, undo the augmentation, vote, pass@K and ``submission.json`` (``trm_jax.arc_eval``)."""
+  """Crop, undo the augmentation, vote, pass@K and ``submission.json`` (``trm_jax.arc_eval``).
 
-  def __init__(self, data_path: pathlib.Path, pass_ks, submission_k: int):
+  With ``aggregated_voting`` (the original's default) the votes of every
+  evaluation of the run are pooled: later evaluations also count the
+  predictions of earlier ones. The pool is saved in checkpoints.
+  """
+
+  def __init__(self, data_path: pathlib.Path, pass_ks, submission_k: int, aggregated_voting: bool = True):
     from trm_jax import arc_eval  # pylint: disable=g-import-not-at-top
-    self._ev = arc_eval.ARCEvaluator(data_path, pass_ks=tuple(pass_ks), submission_k=submission_k)
+    self._ev = arc_eval.ARCEvaluator(data_path, pass_ks=tuple(pass_ks), submission_k=submission_k,
+                                     aggregated_voting=aggregated_voting)
+
+  def begin_eval(self) -> None:
+    self._ev.begin_eval()
 
   def update(self, set_name: str, batch: Mapping[str, np.ndarray]) -> None:
     del set_name
@@ -42,6 +62,14 @@ class ARCEvaluator:
   def result(self, output_dir: pathlib.Path | None) -> dict[str, float]:
     write = output_dir if jax.process_index() == 0 else None
     return dict(self._ev.result(write))
+
+  def state(self) -> Any:
+    return self._ev.state() if self._ev.aggregated_voting else None
+
+  def load_state(self, state: Any) -> None:
+    self._ev.reset()
+    if state:
+      self._ev.merge([state])
 
 
 class MazeEvaluator:
@@ -52,6 +80,15 @@ class MazeEvaluator:
     if self.grid_size ** 2 != seq_len:
       raise ValueError(f"evaluators: 'maze' needs square grids, but seq_len={seq_len}")
     self._counts: dict[str, list[int]] = {}
+
+  def begin_eval(self) -> None:
+    self._counts = {}
+
+  def state(self) -> Any:
+    return None
+
+  def load_state(self, state: Any) -> None:
+    del state
 
   def update(self, set_name: str, batch: Mapping[str, np.ndarray]) -> None:
     from data_prep import maze  # pylint: disable=g-import-not-at-top
@@ -77,7 +114,8 @@ def make_evaluators(config: Any, data_path: pathlib.Path, test_info: Any) -> lis
   out: list[Evaluator] = []
   for name in parse_evaluators(config.evaluators):
     if name == "arc":
-      out.append(ARCEvaluator(data_path, config.arc_pass_ks, config.arc_submission_k))
+      out.append(ARCEvaluator(data_path, config.arc_pass_ks, config.arc_submission_k,
+                              config.arc_aggregated_voting))
     elif name == "maze":
       out.append(MazeEvaluator(test_info.metadata.seq_len))
   return out

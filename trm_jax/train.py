@@ -243,12 +243,13 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def run_evaluation(run: Run, eval_fn, params: Any, puzzle_emb: jax.Array, *, step: int,
-                   monitor: monitor_lib.Monitor | None = None, output_dir: pathlib.Path | None = None
-                   ) -> dict[str, float]:
+def run_evaluation(run: Run, eval_fn, params: Any, puzzle_emb: jax.Array, evaluators: list[Any], *,
+                   step: int, monitor: monitor_lib.Monitor | None = None,
+                   output_dir: pathlib.Path | None = None) -> dict[str, float]:
   """Every test batch through ``halt_max_steps`` calls; per-set metrics and the evaluators."""
   config = run.config
-  evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+  for ev in evaluators:
+    ev.begin_eval()
   per_set: dict[str, dict[str, Any]] = {}
   image_batch = None
   test_iter = data_lib.make_test_iterator(
@@ -334,12 +335,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   is_main = jax.process_index() == 0
   checkpointer = checkpoint_lib.Checkpointer(run.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best)
   layout = make_layout(run)
-  train_iter = data_lib.make_train_iterator(
-      run.data_path, global_batch_size=config.global_batch_size, seed=config.seed,
-      epochs_per_iter=config.eval_interval, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.num_workers, prefetch=config.prefetch)
+  try:
+    train_iter = data_lib.make_train_iterator(
+        run.data_path, global_batch_size=config.global_batch_size, seed=config.seed,
+        epochs_per_iter=config.eval_interval, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.num_workers, prefetch=config.prefetch)
+  except ValueError as e:
+    raise UserError(f"config: {e}") from None
 
   meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None}
+  try:
+    evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   latest = checkpointer.latest_step()
   if latest is not None:
     saved = checkpointer.read_meta(latest)
@@ -350,6 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     except ValueError as e:
       raise UserError(f"checkpoint {latest} in {run.workdir}: {e}") from None
     meta.update({k: saved[k] for k in meta if k in saved})
+    for ev, ev_state in zip(evaluators, checkpointer.read_evaluators(latest) or []):
+      ev.load_state(ev_state)
   else:
     state = layout.create_state()
     carry = layout.create_carry()
@@ -379,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   def save(best: bool = False):
     data_state = train_iter.get_state()
-    checkpointer.save(step, state, carry, data_state, {**meta, "config": config_dict, "step": step}, best=best)
+    checkpointer.save(step, state, carry, data_state, {**meta, "config": config_dict, "step": step},
+                      evaluators=[ev.state() for ev in evaluators], best=best)
 
   window: list[Mapping[str, jax.Array]] = []
   window_start = step
@@ -404,8 +415,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     window, window_start = [], window_start + len(values)
 
   def evaluate_and_save():
-    results = run_evaluation(run, eval_fn, state_lib.eval_params(state), state.puzzle_emb, step=step,
-                             monitor=monitor, output_dir=run.workdir / "eval" / f"step_{step}")
+    results = run_evaluation(run, eval_fn, state_lib.eval_params(state), state.puzzle_emb, evaluators,
+                             step=step, monitor=monitor, output_dir=run.workdir / "eval" / f"step_{step}")
+    _write_results(run.workdir / "eval" / f"step_{step}", results)
     summary["last_eval"] = results
     meta["evaluated_step"] = step
     value = results.get(config.best_metric)
@@ -455,3 +467,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     monitor.close()
   summary.update(end_step=step, best_metric=meta["best_metric"], best_step=meta["best_step"])
   return summary
+
+
+def _write_results(directory: pathlib.Path, results: Mapping[str, float]) -> None:
+  if jax.process_index() != 0:
+    return
+  directory.mkdir(parents=True, exist_ok=True)
+  data_common.write_json(directory / "results.json", dict(results))
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and prediction from a checkpoint.
+
+
+def restore_for_inference(run: Run, layout: Layout, checkpoint: str | int = "latest"
+                          ) -> tuple[Any, jax.Array, int]:
+  """``(eval params, puzzle table, step)`` of a run's checkpoint: 'latest', 'best' or a step."""
+  checkpointer = checkpoint_lib.Checkpointer(run.workdir, keep=run.config.keep_checkpoints,
+                                             keep_best=True, async_save=False)
+  try:
+    from_best = checkpoint == "best"
+    if from_best:
+      step = checkpointer.best_step()
+    elif checkpoint == "latest":
+      step = checkpointer.latest_step()
+    else:
+      try:
+        step = int(checkpoint)
+      except ValueError:
+        raise UserError(f"--checkpoint={checkpoint!r}: expected 'latest', 'best' or a step number") from None
+      if step not in checkpointer.latest.all_steps():
+        raise UserError(f"no checkpoint at step {step} in {run.workdir / 'checkpoints'} "
+                        f"(have {checkpointer.latest.all_steps()})")
+    if step is None:
+      raise UserError(f"no {checkpoint} checkpoint in {run.workdir}")
+    saved = checkpointer.read_meta(step, from_best=from_best)
+    checkpoint_lib.check_compatible(saved["config"], checkpoint_lib.config_to_dict(run.config),
+                                    f"checkpoint {step} in {run.workdir}")
+    state, _, _, _ = checkpointer.restore(layout.abstract_state, layout.abstract_carry, step, from_best=from_best)
+  finally:
+    checkpointer.close()
+  return state_lib.eval_params(state), state.puzzle_emb, step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                        checkpoint: str | int = "latest") -> dict[str, float]:
+  """Evaluates a saved checkpoint on the test split; writes ``eval/ckpt_<step>/results.json``."""
+  run = setup(config, workdir, need_train=False)
+  layout = make_layout(run)
+  params, table, step = restore_for_inference(run, layout, checkpoint)
+  try:
+    evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  monitor = monitor_lib.Monitor(run.workdir, total_steps=step, enabled=jax.process_index() == 0,
+                                tensorboard=False)
+  out_dir = run.workdir / "eval" / f"ckpt_{step}"
+  results = run_evaluation(run, make_eval_fn(run, layout), params, table, evaluators, step=step,
+                           monitor=monitor, output_dir=out_dir)
+  _write_results(out_dir, results)
+  monitor.close()
+  return results
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, input_path: str | os.PathLike,
+            output_path: str | os.PathLike | None = None, checkpoint: str | int = "latest") -> dict[str, Any]:
+  """ARC: a challenges JSON in, ``submission.json`` out (see ``trm_jax.predict``)."""
+  from trm_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  run = setup(config, workdir, need_train=False)
+  if monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size) != "arc":
+    raise UserError(f"--mode=predict needs an ARC dataset (seq_len 900, vocab 12); {run.data_path} has "
+                    f"seq_len {run.model.seq_len}, vocab {run.model.vocab_size}")
+  layout = make_layout(run)
+  params, table, step = restore_for_inference(run, layout, checkpoint)
+  output_path = pathlib.Path(output_path) if output_path else run.workdir / "predict" / "submission.json"
+  return predict_lib.predict_arc(run, make_eval_fn(run, layout), params, table, pathlib.Path(input_path),
+                                 output_path, step=step)
