@@ -4,15 +4,7 @@ import pathlib
 
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The project is checked out beside ../shared (SPEC.md, golden/, data/).
-SHARED_DIR = pathlib.Path(os.environ.get("TRM_SHARED_DIR", REPO_ROOT.parent / "shared"))
-GOLDEN_DIR = SHARED_DIR / "golden"
-DATA_DIR = SHARED_DIR / "data"
-
-MODEL_GOLDEN_FILES = sorted(
-    p for p in GOLDEN_DIR.glob("trm_*.npz")
-) if GOLDEN_DIR.is_dir() else []
+from shared_paths import DATA_DIR, GOLDEN_DIR, MODEL_GOLDEN_FILES, REPO_ROOT, SHARED_DIR  # pylint: disable=unused-import
 
 
 @pytest.fixture(scope="session")

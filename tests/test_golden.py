@@ -5,13 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-import conftest
+import shared_paths
 import golden_util
 from trm_jax import golden
 from trm_jax.models import trm
 
 
-@pytest.mark.parametrize("path", conftest.MODEL_GOLDEN_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", shared_paths.MODEL_GOLDEN_FILES, ids=lambda p: p.name)
 def test_model_matches_original(path):
   report = golden.check_file(path)
   assert report.ok, report.line(path.name)
@@ -22,19 +22,27 @@ def test_model_matches_original(path):
     assert quantity in report.errors, quantity
 
 
+@pytest.mark.parametrize("path", shared_paths.MODEL_GOLDEN_FILES, ids=lambda p: p.name)
+def test_model_with_pallas_kernels_matches_original(path):
+  """The whole model through the Pallas kernels (interpret mode here), same tolerances."""
+  report = golden.check_file(path, kernels="pallas")
+  assert report.ok, report.line(path.name)
+  assert "grad" in report.errors and "traj.q" in report.errors
+
+
 def test_shared_model_files_present():
-  names = {p.name for p in conftest.MODEL_GOLDEN_FILES}
+  names = {p.name for p in shared_paths.MODEL_GOLDEN_FILES}
   assert {"trm_attn_rope.npz", "trm_mlp_t.npz", "trm_attn_learned.npz"} <= names
 
 
 def test_adam_atan2_file(capsys):
-  assert golden.main([str(conftest.GOLDEN_DIR / "adam_atan2.npz")]) == 0
+  assert golden.main([str(shared_paths.GOLDEN_DIR / "adam_atan2.npz")]) == 0
   line = capsys.readouterr().out
   assert "adam_atan2.npz: OK" in line and "params.float64" in line and "params.float32" in line
 
 
 def test_adam_atan2_file_errors(tmp_path):
-  data = dict(np.load(conftest.GOLDEN_DIR / "adam_atan2.npz"))
+  data = dict(np.load(shared_paths.GOLDEN_DIR / "adam_atan2.npz"))
   del data["grad3"]
   np.savez(tmp_path / "adam.npz", **data)
   with pytest.raises(golden.GoldenFormatError, match="grad3"):
@@ -42,7 +50,7 @@ def test_adam_atan2_file_errors(tmp_path):
 
 
 def test_stablemax_file():
-  report = golden.check_file(conftest.GOLDEN_DIR / "stablemax_ce.npz")
+  report = golden.check_file(shared_paths.GOLDEN_DIR / "stablemax_ce.npz")
   assert report.ok, report.line("stablemax_ce.npz")
 
 

@@ -108,11 +108,11 @@ def test_jitted_call_compiles_once():
   config = tiny()
   params = trm.init_params(config, jax.random.key(0))
   table = trm.init_puzzle_emb(config)
-  call = jax.jit(lambda p, t, c, b: losses.act_call(config, p, t, c, b, train=True))
+  call = jax.jit(lambda p, t, c, b, k: losses.act_call(config, p, t, c, b, train=True, rng=k))
   batch = tiny_batch(config)
   carry = act.initial_carry(config, batch)
   for seed in range(3):
-    carry, loss, _, _ = call(params, table, carry, tiny_batch(config, seed=seed))
+    carry, loss, _, _ = call(params, table, carry, tiny_batch(config, seed=seed), jax.random.key(seed))
     assert np.isfinite(loss)
   assert call._cache_size() == 1  # pylint: disable=protected-access
 

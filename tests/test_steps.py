@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-import conftest
+import shared_paths
 from trm_jax import act
 from trm_jax import losses
 from trm_jax import optim
@@ -117,7 +117,7 @@ def test_freeze_weights_trains_only_puzzle_embedding():
 
 
 def test_gradients_match_golden_divided_by_batch_size():
-  data = np.load(conftest.GOLDEN_DIR / "trm_attn_rope.npz")
+  data = np.load(shared_paths.GOLDEN_DIR / "trm_attn_rope.npz")
   cfg = json.loads(str(data["config_json"]))
   model = trm.TRMConfig.from_dict(cfg)
   params, table = weights.import_state_dict(model, {k[6:]: data[k] for k in data.files if k.startswith("param/")})

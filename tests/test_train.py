@@ -14,12 +14,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-import conftest
+import shared_paths
 from data_prep import common
 from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import train
 
-REPO = conftest.REPO_ROOT
+REPO = shared_paths.REPO_ROOT
 CONFIGS = [("configs/default.py", None), ("configs/arc.py", "arc1"), ("configs/arc.py", "arc2"),
            ("configs/sudoku.py", "mlp"), ("configs/sudoku.py", "att"), ("configs/maze.py", None),
            ("configs/quickstart.py", "sudoku"), ("configs/quickstart.py", "maze")]
@@ -276,7 +276,7 @@ def arc_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("arc")
   datasets.build("arc", root / "data", dict(subsets=["evaluation"], test_set_name="evaluation", num_aug=1,
                                             limit_puzzles=3, verbose=False,
-                                            input_file_prefix=str(conftest.DATA_DIR / "arc" / "arc-agi")))
+                                            input_file_prefix=str(shared_paths.DATA_DIR / "arc" / "arc-agi")))
   config = tiny_config(root / "data", global_batch_size=8, epochs=2, eval_interval=2, evaluators="arc",
                        best_metric="ARC/pass@2", **{"model.mlp_t": False, "model.pos_encodings": "rope",
                                                     "model.puzzle_emb_len": 2})
@@ -293,8 +293,8 @@ def test_arc_evaluation_in_training(arc_run):
 
 def test_predict_writes_a_valid_submission(arc_run, tmp_path):
   root, config, _ = arc_run
-  challenges = json.loads((conftest.DATA_DIR / "arc" / "arc-agi_evaluation_challenges.json").read_text())
-  solutions = json.loads((conftest.DATA_DIR / "arc" / "arc-agi_evaluation_solutions.json").read_text())
+  challenges = json.loads((shared_paths.DATA_DIR / "arc" / "arc-agi_evaluation_challenges.json").read_text())
+  solutions = json.loads((shared_paths.DATA_DIR / "arc" / "arc-agi_evaluation_solutions.json").read_text())
   names = list(challenges)[:4]  # three the run trained on, one it never saw
   (tmp_path / "slice_challenges.json").write_text(json.dumps({n: challenges[n] for n in names}))
   (tmp_path / "slice_solutions.json").write_text(json.dumps({n: solutions[n] for n in names}))
