@@ -5,6 +5,7 @@ r"""Trains, evaluates or predicts with TRM.
   python launch.py --config=configs/arc.py --workdir=runs/arc1 --mode=eval
   python launch.py --config=configs/arc.py --workdir=runs/arc1 --mode=predict \
       --input=arc-agi_test_challenges.json --output=submission.json
+  python launch.py --config=configs/arc.py --workdir=runs/arc1 --mode=export --output=weights.npz
 
 Re-running a train command with the same --workdir resumes the run.
 """
@@ -21,12 +22,14 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, outputs). "
                     "Default: runs/<config name>[_<variant>].")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                  "train (or resume); eval a checkpoint; predict an ARC challenges file.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+                  "train (or resume); eval a checkpoint; predict an ARC challenges file; export a "
+                  "checkpoint's weights in the original's naming (.npz).")
 flags.DEFINE_string("checkpoint", "latest", "eval/predict: 'latest', 'best' or a step number.")
 flags.DEFINE_string("input", None, "predict: an ARC challenges JSON (arc-agi_<subset>_challenges.json).")
 flags.DEFINE_string("output", None, "predict: where to write submission.json "
-                    "(default <workdir>/predict/submission.json).")
+                    "(default <workdir>/predict/submission.json); export: the .npz to write "
+                    "(default <workdir>/export/weights_step_<step>.npz).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or set by the cluster).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -54,6 +57,8 @@ def main(argv):
       train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == "eval":
       train.evaluate_checkpoint(FLAGS.config, workdir, checkpoint=FLAGS.checkpoint)
+    elif FLAGS.mode == "export":
+      train.export_weights(FLAGS.config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint)
     else:
       if not FLAGS.input:
         raise train.UserError("--mode=predict needs --input=<ARC challenges JSON>")

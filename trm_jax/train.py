@@ -543,3 +543,26 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, input
   output_path = pathlib.Path(output_path) if output_path else run.workdir / "predict" / "submission.json"
   return predict_lib.predict_arc(run, make_eval_fn(run, layout), params, table, pathlib.Path(input_path),
                                  output_path, step=step)
+
+
+def export_weights(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                   output_path: str | os.PathLike | None = None, checkpoint: str | int = "latest") -> pathlib.Path:
+  """Writes a checkpoint's weights (the EMA copy when enabled) in the original's state-dict naming.
+
+  The ``.npz`` loads into the PyTorch code (``torch.from_numpy`` per entry)
+  and back into this one with ``config.init_weights``.
+  """
+  run = setup(config, workdir, need_train=False)
+  layout = make_layout(run)
+  params, table, step = restore_for_inference(run, layout, checkpoint)
+  params = jax.tree.map(_to_host, params)
+  table = _to_host(table)[:run.model.num_puzzle_identifiers]
+  state = weights.export_state_dict(run.model, params, table)
+  path = pathlib.Path(output_path) if output_path else run.workdir / "export" / f"weights_step_{step}.npz"
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **state)
+    tmp.rename(path)
+    print(f"exported {len(state)} weights of step {step} to {path}", flush=True)
+  return path
