@@ -38,13 +38,14 @@ def fixed_batch(seed=0):
 
 @pytest.fixture(scope="module")
 def overfit_run():
-  opt = make_optimizers()
+  # (No weight decay and a moderate lr: the fit is then steady under jax 0.11 and 0.12 alike.)
+  opt = make_optimizers(total_steps=400, lr=1e-3, weight_decay=0.0)
   state = state_lib.create_train_state(MODEL, opt, seed=0, ema=True)
   batch = fixed_batch()
   carry = act.initial_carry(MODEL, batch)
   step = jax.jit(steps.make_train_step(MODEL, opt, B, ema_rate=0.999), donate_argnums=(0, 1))
   lm_losses = []
-  for _ in range(300):
+  for _ in range(400):
     state, carry, metrics = step(state, carry, batch)
     lm_losses.append(metrics["lm_loss"])
   return step, state, [float(x) for x in jax.device_get(lm_losses)]
@@ -53,12 +54,13 @@ def overfit_run():
 def test_overfits_one_batch(overfit_run):
   _, _, lm_losses = overfit_run
   assert np.mean(lm_losses[-10:]) < 0.1 * lm_losses[0], (lm_losses[0], lm_losses[-10:])
+  assert max(lm_losses[-50:]) < 0.2 * lm_losses[0]  # and it stays down
 
 
 def test_train_step_compiles_once(overfit_run):
   step, state, _ = overfit_run
   assert step._cache_size() == 1  # pylint: disable=protected-access
-  assert int(state.step) == 300
+  assert int(state.step) == 400
 
 
 def test_ema_and_frozen_leaves(overfit_run):
