@@ -421,3 +421,25 @@ class ExampleReader:
 
 def warn(msg: str) -> None:
   print(f"warning: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Shared by the builders' command lines.
+
+
+def csv_inputs(input_dir: str | None, train_csv: str | None, test_csv: str | None
+               ) -> tuple[pathlib.Path, pathlib.Path]:
+  """The train/test CSVs of a ``csv`` mode: ``--input-dir`` or both ``--train-csv``/``--test-csv``."""
+  if input_dir and (train_csv or test_csv):
+    raise ValueError("give either --input-dir or --train-csv/--test-csv, not both")
+  if input_dir:
+    return pathlib.Path(input_dir) / "train.csv", pathlib.Path(input_dir) / "test.csv"
+  if train_csv and test_csv:
+    return pathlib.Path(train_csv), pathlib.Path(test_csv)
+  raise ValueError("csv mode needs --input-dir, or both --train-csv and --test-csv")
+
+
+def print_build_summary(metas: dict[str, DatasetMetadata], output_dir: str | os.PathLike, seconds: float) -> None:
+  for split, m in metas.items():
+    print(f"{split}: {m.total_groups} groups, {m.total_puzzles} puzzles")
+  print(f"wrote {output_dir} in {seconds:.1f}s")

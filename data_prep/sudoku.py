@@ -656,15 +656,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   t0 = time.time()
   try:
     if args.mode == "csv":
-      if args.input_dir and (args.train_csv or args.test_csv):
-        raise InputError("give either --input-dir or --train-csv/--test-csv, not both")
-      if args.input_dir:
-        train_csv = pathlib.Path(args.input_dir) / "train.csv"
-        test_csv = pathlib.Path(args.input_dir) / "test.csv"
-      elif args.train_csv and args.test_csv:
-        train_csv, test_csv = args.train_csv, args.test_csv
-      else:
-        raise InputError("csv mode needs --input-dir, or both --train-csv and --test-csv")
+      try:
+        train_csv, test_csv = common.csv_inputs(args.input_dir, args.train_csv, args.test_csv)
+      except ValueError as e:
+        raise InputError(str(e)) from None
       metas = build_from_csv(args.output_dir, train_csv, test_csv,
                              subsample_size=args.subsample_size,
                              min_difficulty=args.min_difficulty, num_aug=args.num_aug,
@@ -683,9 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (InputError, FileExistsError, common.DatasetFormatError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  for split, m in metas.items():
-    print(f"{split}: {m.total_groups} groups, {m.total_puzzles} puzzles")
-  print(f"wrote {args.output_dir} in {time.time() - t0:.1f}s")
+  common.print_build_summary(metas, args.output_dir, time.time() - t0)
   return 0
 
 

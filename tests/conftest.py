@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from shared_paths import DATA_DIR, GOLDEN_DIR, MODEL_GOLDEN_FILES, REPO_ROOT, SHARED_DIR  # pylint: disable=unused-import
+from shared_paths import DATA_DIR, GOLDEN_DIR
 
 
 @pytest.fixture(scope="session")

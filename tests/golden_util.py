@@ -9,7 +9,6 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from trm_jax import act

@@ -1,12 +1,10 @@
 """The model against the original's numbers (../shared/golden) and the golden CLI."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-import shared_paths
 import golden_util
+import shared_paths
 from trm_jax import golden
 from trm_jax.models import trm
 

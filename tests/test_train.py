@@ -3,14 +3,12 @@
 import json
 import os
 import re
-import pathlib
 import signal
 import struct
 import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

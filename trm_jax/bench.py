@@ -19,7 +19,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 

@@ -11,7 +11,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from typing import Mapping, TextIO
 
 import numpy as np
 

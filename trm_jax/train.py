@@ -17,14 +17,12 @@ naming the step, without saving: the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
 import signal
 import threading
-import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
