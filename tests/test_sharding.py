@@ -7,6 +7,7 @@ subprocesses with ``--xla_force_host_platform_device_count``.
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -140,3 +141,26 @@ def test_restore_onto_another_mesh(reference):
   out = _launch(root / "data", root / "remesh", 2)
   assert "resuming at step 4" in out and "2 device(s)" in out
   _assert_close(_export(root / "data", root / "remesh"), expected)
+
+
+def test_sigterm_to_one_process_stops_both(reference, tmp_path):
+  """The stop is agreed on: both processes save the same checkpoint and exit cleanly."""
+  root, _ = reference
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [_launch(root / "data", tmp_path, 1, "--config.epochs=400", "--config.eval_interval=200",
+                   f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                   env_extra={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}, wait=False) for i in range(2)]
+  lines = []
+  for line in procs[0].stdout:
+    lines.append(line)
+    if line.startswith("step 2/"):
+      procs[0].send_signal(signal.SIGTERM)
+      break
+  outs = ["".join(lines) + procs[0].communicate(timeout=300)[0], procs[1].communicate(timeout=300)[0]]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  assert "stopped by SIGTERM" in outs[0]
+  steps_saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+  assert steps_saved and steps_saved[-1] >= 2

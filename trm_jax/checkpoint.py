@@ -81,12 +81,17 @@ class Checkpointer:
       return ocp.CheckpointManager(self.workdir / name, options=options, item_names=ITEMS)
     self.latest = manager("checkpoints", keep)
     self.best = manager("best", 1) if keep_best else None
+    # Which steps exist is tracked here, not read from the directory while
+    # saves are in flight: with several processes, a decision to save (a
+    # collective) must not depend on when each process lists the directory.
+    self._latest_steps = set(self.latest.all_steps())
+    self._best_step = self.best.latest_step() if self.best is not None else None
 
   def latest_step(self) -> int | None:
-    return self.latest.latest_step()
+    return max(self._latest_steps) if self._latest_steps else None
 
   def best_step(self) -> int | None:
-    return self.best.latest_step() if self.best is not None else None
+    return self._best_step
 
   def save(self, step: int, state: Any, carry: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
            evaluators: Any = None, best: bool = False) -> None:
@@ -98,19 +103,19 @@ class Checkpointer:
         state=ocp.args.PyTreeSave(state), carry=ocp.args.PyTreeSave(carry),
         data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta),
         evaluators=ocp.args.JsonSave({"states": evaluators}))
-    if step not in self.latest.all_steps():
+    if step not in self._latest_steps:
       self.latest.save(step, args=args)
-    if best and self.best is not None:
+      self._latest_steps.add(step)
+    if best and self.best is not None and self._best_step != step:
       self.best.wait_until_finished()
-      for old in self.best.all_steps():  # keep exactly one: this one
-        if old != step:
-          self.best.delete(old)
-      if step not in self.best.all_steps():
-        self.best.save(step, args=args)
+      if self._best_step is not None:  # keep exactly one: this one
+        self.best.delete(self._best_step)
+      self.best.save(step, args=args)
+      self._best_step = step
 
   def read_meta(self, step: int | None = None, *, from_best: bool = False) -> dict[str, Any] | None:
     manager = self.best if from_best else self.latest
-    step = manager.latest_step() if step is None else step
+    step = (self.best_step() if from_best else self.latest_step()) if step is None else step
     if step is None:
       return None
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -128,7 +133,7 @@ class Checkpointer:
     dropped at the end).
     """
     manager = self.best if from_best else self.latest
-    step = manager.latest_step() if step is None else step
+    step = (self.best_step() if from_best else self.latest_step()) if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     state_args = _restore_args(abstract_state)
@@ -153,5 +158,4 @@ class Checkpointer:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
   """A JSON round trip of an ml_collections config (tuples become lists)."""
-  return json.loads(config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else
-                    json.dumps(config))
+  return json.loads(config.to_json_best_effort())

@@ -57,18 +57,23 @@ USER_ERRORS = (UserError, data_common.DatasetFormatError, checkpoint_lib.Incompa
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> None:
-  """``jax.distributed.initialize`` from flags, or from the cluster environment when it has one."""
-  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-    return
-  env_says_multi = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                                                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
-  if coordinator_address or (num_processes and num_processes > 1):
-    if coordinator_address is None or num_processes is None or process_id is None:
+  """Starts JAX's distributed runtime for a multi-host run.
+
+  From the flags when they are given (all three), else from the cluster
+  environment when it describes several processes (``JAX_COORDINATOR_ADDRESS``,
+  SLURM, Open MPI: ``jax.distributed.initialize()`` reads them); a single
+  process needs nothing.
+  """
+  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+  if any(given):
+    if not all(given):
       raise UserError("multi-host: pass all of --coordinator_address, --num_processes and --process_id "
                       "(or none of them and let the cluster environment provide them)")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-  elif env_says_multi and int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+    return
+  tasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+  if "JAX_COORDINATOR_ADDRESS" in os.environ or tasks > 1:
     jax.distributed.initialize()
 
 
@@ -298,11 +303,26 @@ def make_eval_fn(run: Run, layout: Layout):
 
 
 class _StopRequest:
-  """SIGTERM / SIGINT set a flag; the loop saves and returns at the next step."""
+  """SIGTERM / SIGINT set a flag; the loop saves and returns at the next step.
+
+  With several processes the flag is agreed on (every ``every`` steps, so
+  that all of them stop at the same step and write one checkpoint together).
+  """
 
   def __init__(self):
     self.signal: int | None = None
     self._previous = {}
+
+  def requested(self, step: int, every: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    signals = multihost_utils.process_allgather(np.asarray(self.signal or 0, np.int32))
+    if self.signal is None and np.any(signals):
+      self.signal = int(np.max(signals))
+    return bool(np.any(signals))
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -439,13 +459,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           flush_window()
         if pass_done:
           meta["iteration"] += 1
+          flush_window()
           if meta["iteration"] > config.min_eval_interval or meta["iteration"] == run.total_iters:
-            flush_window()
             evaluate_and_save()
+          else:
+            save()
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           flush_window()
           save()
-        if stop.signal is not None:
+        if stop.requested(step, every=config.log_every_steps):
           flush_window()
           save()
           summary["stopped_by"] = signal.Signals(stop.signal).name
