@@ -22,6 +22,11 @@ def tiny(**overrides):
   return trm.TRMConfig(**{**TINY, **overrides})
 
 
+def jitted_call(config, train):
+  """``losses.act_call`` jitted for one config (eager dispatch of the scans is slow)."""
+  return jax.jit(lambda p, t, c, b, k=None: losses.act_call(config, p, t, c, b, train=train, rng=k))
+
+
 def tiny_batch(config, batch_size=4, seed=0):
   rng = np.random.default_rng(seed)
   return {
@@ -121,8 +126,8 @@ def test_bfloat16_dtypes():
   config = tiny(forward_dtype="bfloat16")
   params = trm.init_params(config, jax.random.key(0))
   batch = tiny_batch(config)
-  carry, loss, metrics, outputs = losses.act_call(config, params, trm.init_puzzle_emb(config),
-                                                  act.initial_carry(config, batch), batch, train=False)
+  carry, loss, metrics, outputs = jitted_call(config, False)(params, trm.init_puzzle_emb(config),
+                                                             act.initial_carry(config, batch), batch)
   assert carry.z_H.dtype == jnp.bfloat16 and carry.z_L.dtype == jnp.bfloat16
   assert outputs["logits"].dtype == jnp.bfloat16
   assert outputs["q_halt_logits"].dtype == jnp.float32
@@ -139,18 +144,20 @@ def test_halting_rules():
   batch = tiny_batch(config, batch_size=64)
   carry = act.initial_carry(config, batch)
   no_explore = dataclasses.replace(config, halt_exploration_prob=0.0)
-  c1, *_ = losses.act_call(no_explore, params, table, carry, batch, train=True)
+  c1, *_ = jitted_call(no_explore, True)(params, table, carry, batch)
   assert bool(c1.halted.all())
   # With exploration always on, each row draws min_steps in [2, 3] and so cannot halt at step 1.
-  c1, *_ = losses.act_call(config, params, table, carry, batch, train=True, rng=jax.random.key(3))
+  train_call = jitted_call(config, True)
+  c1, *_ = train_call(params, table, carry, batch, jax.random.key(3))
   assert not bool(c1.halted.any())
-  c2, *_ = losses.act_call(config, params, table, c1, batch, train=True, rng=jax.random.key(4))
+  c2, *_ = train_call(params, table, c1, batch, jax.random.key(4))
   frac = float(c2.halted.mean())  # halts at step 2 iff min_steps == 2: about half the rows
   assert 0.2 < frac < 0.8
   # Evaluation halts only at halt_max_steps.
   c = carry
+  eval_call = jitted_call(config, False)
   for step in range(1, 4):
-    c, *_ = losses.act_call(config, params, table, c, batch, train=False)
+    c, *_ = eval_call(params, table, c, batch)
     assert bool(c.halted.all()) == (step == 3)
   # Exploration needs a key.
   with pytest.raises(ValueError, match="rng"):
@@ -180,12 +187,11 @@ def test_gradients_only_through_last_cycle():
   params = trm.init_params(config, jax.random.key(0))
   batch = tiny_batch(config)
   carry = act.reset_carry(config, params, act.initial_carry(config, batch), batch)
-  grads = jax.grad(lambda p: losses.act_loss(config, p, None if not config.puzzle_emb_ndim else
-                                             jnp.ones((4, 32)), carry, train=False)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: losses.act_loss(config, p, jnp.ones((4, 32)), carry, train=False)[0]))(params)
   assert not np.any(grads["H_init"]) and not np.any(grads["L_init"])
   assert np.any(grads["lm_head"])
 
   config = tiny(H_cycles=3)
-  z_grad = jax.grad(lambda z: trm.recursion(config, params, z, carry.z_L, batch["inputs"],
-                                            jnp.ones((4, 32)))[1].sum())(carry.z_H)
+  z_grad = jax.jit(jax.grad(lambda z: trm.recursion(config, params, z, carry.z_L, batch["inputs"],
+                                                    jnp.ones((4, 32)))[1].sum()))(carry.z_H)
   assert not np.any(z_grad)

@@ -1,0 +1,41 @@
+"""The benchmark CLI runs on a CPU and reports what it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+import shared_paths
+from trm_jax import bench
+from trm_jax.models import trm
+
+ARGS = ["--config=configs/quickstart.py", "--config.data_path=none", "--seq_len=16", "--vocab_size=6",
+        "--num_puzzle_identifiers=3", "--batch_per_device=4", "--steps=2", "--eval_steps=1",
+        "--config.model.hidden_size=32", "--config.model.num_heads=2", "--config.model.halt_max_steps=2"]
+
+
+def test_bench_prints_one_json_line():
+  env = dict(os.environ, PYTHONPATH=str(shared_paths.REPO_ROOT))
+  proc = subprocess.run([sys.executable, "-m", "trm_jax.bench", *ARGS], cwd=shared_paths.REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1
+  result = json.loads(lines[0])
+  for key in ("train_steps_per_s", "train_tokens_per_s", "train_flops_per_step", "train_mfu", "compile_train_s",
+              "eval_batches_per_s", "peak_memory_bytes", "kernels", "device"):
+    assert key in result, key
+  assert result["train_steps_per_s"] > 0 and result["global_batch"] == 4 and result["seq_len"] == 16
+  assert result["train_mfu"] is None  # no known peak for a CPU
+
+
+def test_flops_formula():
+  model = trm.TRMConfig(seq_len=900, vocab_size=12, num_puzzle_identifiers=10, hidden_size=512, num_heads=8,
+                        L_layers=2, H_cycles=3, L_cycles=4, puzzle_emb_len=16)
+  b, length, d, inter = 1, 916, 512, 1536
+  per_layer = 2 * length * d * 3 * d + 2 * length * d * d + 4 * length * length * d + 2 * length * d * 3 * inter
+  assert bench.f_flops(model, b) == 2 * per_layer
+  flops = bench.step_flops(model, b)
+  heads = 2 * 900 * 512 * 12 + 2 * 512 * 2
+  assert flops["eval_call"] == 3 * 5 * 2 * per_layer + heads
+  assert flops["train"] == flops["eval_call"] + 2 * (5 * 2 * per_layer + heads)
