@@ -128,12 +128,9 @@ def test_gradients_match_golden_divided_by_batch_size():
   with jax.default_matmul_precision("highest"):
     _, _, grads, (_, row_grads) = jax.jit(steps.loss_and_grads, static_argnums=(0, 6))(
         model, params, table, act.initial_carry(model, batch), batch, jax.random.PRNGKey(0), bs)
+  grads_by_name = weights.export_state_dict(model, grads, None)
   for name in weights.trainable_original_names(model):
-    path, transposed = weights.param_path(model, name)
-    ours = grads
-    for key in path:
-      ours = ours[key]
-    ours = np.asarray(ours).T if transposed else np.asarray(ours)
+    ours = grads_by_name[name]
     ref = data[f"grad/{name}"] / bs
     assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max(), name
   ref = data["grad/puzzle_emb_local"] / bs

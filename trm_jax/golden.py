@@ -201,12 +201,9 @@ def check_model_file(golden: GoldenFile, kernels: str = "xla") -> Report:
     loss, metrics, (grads, row_grads), row_ids = train_grads(params, table, act.initial_carry(config, batch), batch)
     report.add("train0.loss", relative_error(loss, golden.get("train0/loss")), TOL_VALUES)
     _check_metrics(report, "train0", metrics, golden, "train0/", "train0")
+    grads_by_name = weights.export_state_dict(config, grads, None)  # the original's names and layout
     for name in weights.trainable_original_names(config):
-      path, transposed = weights.param_path(config, name)
-      ours = grads
-      for key in path:
-        ours = ours[key]
-      ours = np.asarray(ours).T if transposed else np.asarray(ours)
+      ours = grads_by_name[name]
       ref = golden.get(f"grad/{name}")
       if ref.shape != ours.shape:
         raise GoldenFormatError(f"{golden.path.name}: key 'grad/{name}' has shape {list(ref.shape)}, "

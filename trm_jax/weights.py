@@ -66,17 +66,6 @@ def trainable_original_names(config: trm.TRMConfig) -> list[str]:
   return [n for n in original_names(config) if n not in ("inner.H_init", "inner.L_init")]
 
 
-def param_path(config: trm.TRMConfig, original_name: str) -> tuple[tuple[str, ...], bool]:
-  """Our path for an original name, and whether the weight is transposed."""
-  for name, path, _ in _plain_names(config):
-    if name == original_name:
-      return path, False
-  for name, path, _ in _linear_names(config):
-    if name == original_name:
-      return path, True
-  raise KeyError(f"{original_name!r} is not a weight of this model configuration")
-
-
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
