@@ -427,6 +427,21 @@ def warn(msg: str) -> None:
 # Shared by the builders' command lines.
 
 
+def add_output_flags(parser: Any, default_output_dir: str) -> None:
+  """``--output-dir``, ``--overwrite`` and ``--seed`` of every builder mode."""
+  parser.add_argument("--output-dir", default=default_output_dir,
+                      help="dataset directory (default %(default)s)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+  parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+
+
+def add_csv_input_flags(parser: Any) -> None:
+  """The inputs of a ``csv`` mode; read them back with ``csv_inputs``."""
+  parser.add_argument("--input-dir", help="directory holding train.csv and test.csv")
+  parser.add_argument("--train-csv", help="train CSV (instead of --input-dir)")
+  parser.add_argument("--test-csv", help="test CSV (instead of --input-dir)")
+
+
 def csv_inputs(input_dir: str | None, train_csv: str | None, test_csv: str | None
                ) -> tuple[pathlib.Path, pathlib.Path]:
   """The train/test CSVs of a ``csv`` mode: ``--input-dir`` or both ``--train-csv``/``--test-csv``."""

@@ -530,10 +530,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="mode", required=True, metavar="{csv,generate}")
 
   def common_flags(sp, default_out):
-    sp.add_argument("--output-dir", default=default_out,
-                    help="dataset directory (default %(default)s)")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    common.add_output_flags(sp, default_out)
     sp.add_argument("--aug", action="store_true", help="8 dihedral versions of each train maze")
     sp.add_argument("--grid-size", type=int, default=DEFAULT_GRID_SIZE,
                     help="grid side n (default %(default)s)")
@@ -542,9 +539,7 @@ def _parser() -> argparse.ArgumentParser:
                       description="From CSVs in the original format "
                       "(source,question,answer,rating).")
   common_flags(sp, "data/maze-30x30-hard-1k")
-  sp.add_argument("--input-dir", help="directory holding train.csv and test.csv")
-  sp.add_argument("--train-csv", help="train CSV (instead of --input-dir)")
-  sp.add_argument("--test-csv", help="test CSV (instead of --input-dir)")
+  common.add_csv_input_flags(sp)
   sp.add_argument("--subsample-size", type=int, default=None, help="sample this many train mazes")
 
   sp = sub.add_parser("generate", help="generate Maze-Hard-like mazes",

@@ -604,10 +604,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="mode", required=True, metavar="{csv,lists,generate}")
 
   def common_flags(sp, default_out):
-    sp.add_argument("--output-dir", default=default_out,
-                    help="dataset directory (default %(default)s)")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    common.add_output_flags(sp, default_out)
     sp.add_argument("--num-aug", type=int, default=0,
                     help="shuffled versions per train puzzle (the paper: 1000)")
     sp.add_argument("--min-difficulty", type=int, default=None,
@@ -617,9 +614,7 @@ def _parser() -> argparse.ArgumentParser:
                       description="From CSVs in the original format "
                       "(source,question,answer,rating).")
   common_flags(sp, "data/sudoku-extreme-full")
-  sp.add_argument("--input-dir", help="directory holding train.csv and test.csv")
-  sp.add_argument("--train-csv", help="train CSV (instead of --input-dir)")
-  sp.add_argument("--test-csv", help="test CSV (instead of --input-dir)")
+  common.add_csv_input_flags(sp)
   sp.add_argument("--subsample-size", type=int, default=None,
                   help="sample this many train puzzles (the paper: 1000)")
 
