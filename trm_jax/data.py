@@ -603,7 +603,23 @@ def _dataset_fingerprint(info: common.SplitInfo) -> str:
   return h.hexdigest()[:16]
 
 
-class TrainIterator(Iterator[dict[str, np.ndarray]]):
+class _ClosingIterator:
+  """``close()`` (stops prefetching: threads, worker processes) and ``with`` support."""
+  _it: Any = None
+
+  def close(self) -> None:
+    it, self._it = self._it, None
+    if it is not None:
+      it.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class TrainIterator(_ClosingIterator, Iterator[dict[str, np.ndarray]]):
   """Endless (or ``num_passes``-long) iterator of train batches; see the module docstring."""
 
   def __init__(self, info: common.SplitInfo, *, global_batch_size: int, seed: int, epochs_per_iter: int,
@@ -696,17 +712,6 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self.close()
     self.pass_index, self.batch_index = p, b
 
-  def close(self) -> None:
-    """Stops prefetching (threads, worker processes); iteration may resume later."""
-    it, self._it = self._it, None
-    if it is not None:
-      it.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 def make_train_iterator(dataset_dir: str | os.PathLike, split: str = "train", *, global_batch_size: int,
@@ -765,7 +770,7 @@ class _ReadTestBatch:
     return EvalBatch(set_name, batch, end - start)
 
 
-class EvalIterator(Iterator[EvalBatch]):
+class EvalIterator(_ClosingIterator, Iterator[EvalBatch]):
   """One walk over the test examples (SPEC §8); ``len()`` is its number of batches."""
 
   def __init__(self, info: common.SplitInfo, *, global_batch_size: int, process_index: int = 0,
@@ -797,16 +802,6 @@ class EvalIterator(Iterator[EvalBatch]):
       self.close()
       raise
 
-  def close(self) -> None:
-    it, self._it = self._it, None
-    if it is not None:
-      it.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 def make_test_iterator(dataset_dir: str | os.PathLike, split: str = "test", *, global_batch_size: int,
