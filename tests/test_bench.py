@@ -39,3 +39,58 @@ def test_flops_formula():
   heads = 2 * 900 * 512 * 12 + 2 * 512 * 2
   assert flops["eval_call"] == 3 * 5 * 2 * per_layer + heads
   assert flops["train"] == flops["eval_call"] + 2 * (5 * 2 * per_layer + heads)
+
+
+def _tiny_config():
+  from configs import quickstart
+  config = quickstart.get_config()
+  config.unlock()
+  config.data_path = "none"
+  config.model.hidden_size = 32
+  config.model.num_heads = 2
+  config.model.halt_max_steps = 2
+  config.lock()
+  return config
+
+
+DIMS = dict(seq_len=16, vocab_size=6, num_puzzle_identifiers=3)
+
+
+def test_find_max_batch_returns_the_largest_batch_that_fits():
+  config = _tiny_config()
+  granularity = 4
+  limit = bench.train_step_memory(config, 12, **DIMS) + 1
+  batch, probes = bench.find_max_batch(config, limit, granularity=granularity, **DIMS)
+  assert batch == 12
+  measured = {p["batch_per_device"]: p["bytes"] for p in probes}
+  assert measured[12] <= limit < measured[16]  # 16 was tried and did not fit
+  assert all(b % granularity == 0 for b in measured)
+  assert len(probes) <= 5  # two for the line, then a few checks, not a scan
+
+
+def test_find_max_batch_rejects_a_limit_below_the_smallest_batch():
+  config = _tiny_config()
+  try:
+    bench.find_max_batch(config, 1000, granularity=4, **DIMS)
+  except ValueError as e:
+    assert "batch_per_device=4" in str(e) and "limit" in str(e)
+  else:
+    raise AssertionError("expected a ValueError")
+
+
+def test_bench_cli_find_max_batch():
+  env = dict(os.environ, PYTHONPATH=str(shared_paths.REPO_ROOT))
+  args = [a for a in ARGS if not a.startswith("--batch_per_device")]
+  proc = subprocess.run([sys.executable, "-m", "trm_jax.bench", *args, "--find_max_batch", "--memory_limit_gb=0.02",
+                         "--batch_granularity=4", "--skip_eval"], cwd=shared_paths.REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  search = result["max_batch_search"]
+  assert result["global_batch"] == search["batch_per_device"] >= 4
+  fitting = [p for p in search["probes"] if p["bytes"] <= search["memory_limit_bytes"]]
+  assert max(p["batch_per_device"] for p in fitting) == search["batch_per_device"]
+  # Without a limit, a CPU (no allocator limit) gets a clear error, not a traceback.
+  proc = subprocess.run([sys.executable, "-m", "trm_jax.bench", *args, "--find_max_batch"],
+                        cwd=shared_paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and "--memory_limit_gb" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,20 +1,28 @@
 r"""Times the jitted train and eval steps of a config on random data.
 
   python -m trm_jax.bench --config=configs/arc.py [--config.key=value ...] \
-      [--batch_per_device=N] [--steps=20]
+      [--batch_per_device=N | --find_max_batch] [--steps=20]
 
 Compiles both steps, then times them, and prints one JSON line: steps/s,
 tokens/s, analytic FLOPs per step, model FLOP utilisation against the
 device's peak, peak device memory and compile times. The dataset is not read:
 sequence length, vocabulary and the number of puzzle identifiers come from the
 dataset's metadata when ``data_path`` exists, else from the flags.
+
+``--find_max_batch`` first searches the largest per-device batch whose
+compiled train step fits in device memory (XLA's buffer assignment, read from
+compiles on abstract inputs: nothing is allocated), then times that batch,
+stepping down if it still runs out of memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pathlib
 import sys
 import time
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -31,6 +39,11 @@ flags.DEFINE_integer("seq_len", 0, "Sequence length when data_path is absent (0:
 flags.DEFINE_integer("vocab_size", 0, "Vocabulary when data_path is absent (0: 12, as ARC).")
 flags.DEFINE_integer("num_puzzle_identifiers", 0, "Puzzle ids when data_path is absent (0: 1000).")
 flags.DEFINE_bool("skip_eval", False, "Time only the train step.")
+flags.DEFINE_bool("find_max_batch", False,
+                  "Find the largest batch_per_device whose train step fits in device memory, then time it.")
+flags.DEFINE_float("memory_limit_gb", 0.0,
+                   "Memory the search may fill, GiB (0: 97% of what the device's allocator may use).")
+flags.DEFINE_integer("batch_granularity", 8, "The search's per-device batch is a multiple of this.")
 
 if __name__ != "__main__":
   FLAGS.mark_as_parsed()
@@ -84,12 +97,27 @@ def _time(fn, n: int) -> float:
   return (time.perf_counter() - start) / n
 
 
-def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_steps: int = 2,
-              seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0,
-              skip_eval: bool = False) -> dict:
+@dataclasses.dataclass
+class _Setup:
+  """What both the timing and the memory search need, for one global batch."""
+  model: Any
+  mesh: Any
+  global_batch: int
+  seq_len: int
+  vocab_size: int
+  num_ids: int
+  create_state: Callable
+  state_sh: Any
+  batch_sh: Any
+  carry_sh: Any
+  abstract_batch: dict
+  train_step: Any  # jitted, with shardings and donation
+
+
+def _setup(config, *, batch_per_device: int = 0, seq_len: int = 0, vocab_size: int = 0,
+           num_puzzle_identifiers: int = 0) -> _Setup:
   from data_prep import common  # pylint: disable=g-import-not-at-top
   from trm_jax import act, optim, sharding, state as state_lib, steps, train  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
 
   split = pathlib.Path(config.data_path) / "train"
   if config.data_path and (split / common.METADATA_FILE).is_file():
@@ -102,7 +130,6 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
                                     mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
   model = train.model_config(config, metadata)
   mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
-  shards = sharding.batch_size_per_shard(mesh)
   global_batch = batch_per_device * mesh.size if batch_per_device else config.global_batch_size
   sharding.check_global_batch_size(global_batch, mesh)
   optimizers = optim.make_optimizers(
@@ -113,23 +140,112 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   rows = sharding.padded_table_rows(num_ids, mesh)
   create = lambda: state_lib.create_train_state(model, optimizers, 0, ema=config.ema, puzzle_emb_rows=rows)
   state_sh = sharding.state_shardings(jax.eval_shape(create), mesh, config.param_sharding)
-  state = jax.jit(create, out_shardings=state_sh)()
   batch_sh = sharding.batch_sharding(mesh)
-  rng = np.random.default_rng(0)
-  host_batch = {"inputs": rng.integers(0, vocab_size, (global_batch, seq_len)).astype(np.int32),
-                "labels": rng.integers(0, vocab_size, (global_batch, seq_len)).astype(np.int32),
-                "puzzle_identifiers": rng.integers(0, num_ids, (global_batch,)).astype(np.int32)}
-  batch = jax.device_put(host_batch, batch_sh)
-  carry_fn = lambda: act.initial_carry(model, batch)
-  carry_sh = sharding.carry_shardings(jax.eval_shape(carry_fn), mesh)
-  carry = jax.jit(carry_fn, out_shardings=carry_sh)()
-
+  abstract_batch = {"inputs": jax.ShapeDtypeStruct((global_batch, seq_len), np.int32),
+                    "labels": jax.ShapeDtypeStruct((global_batch, seq_len), np.int32),
+                    "puzzle_identifiers": jax.ShapeDtypeStruct((global_batch,), np.int32)}
+  carry_sh = sharding.carry_shardings(jax.eval_shape(lambda b: act.initial_carry(model, b), abstract_batch),
+                                      mesh)
   train_step = jax.jit(
       steps.make_train_step(model, optimizers, global_batch, config.ema_rate if config.ema else None),
       in_shardings=(state_sh, carry_sh, batch_sh),
       out_shardings=(state_sh, carry_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
+  return _Setup(model, mesh, global_batch, seq_len, vocab_size, num_ids, create, state_sh, batch_sh, carry_sh,
+                abstract_batch, train_step)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def train_step_memory(config, batch_per_device: int, **dims) -> int:
+  """Device bytes the compiled train step needs at ``batch_per_device``.
+
+  Compiles on abstract inputs (nothing is allocated) and adds XLA's buffer
+  assignment: arguments + outputs + temporaries - donated (aliased) bytes.
+  """
+  from trm_jax import act  # pylint: disable=g-import-not-at-top
+  setup = _setup(config, batch_per_device=batch_per_device, **dims)
+  state = _abstract(jax.eval_shape(setup.create_state), setup.state_sh)
+  batch = _abstract(setup.abstract_batch, {k: setup.batch_sh for k in setup.abstract_batch})
+  carry = _abstract(jax.eval_shape(lambda b: act.initial_carry(setup.model, b), setup.abstract_batch),
+                    setup.carry_sh)
+  analysis = setup.train_step.lower(state, carry, batch).compile().memory_analysis()
+  if analysis is None:
+    raise ValueError("this backend reports no memory analysis of compiled programs; pass --batch_per_device")
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+             - analysis.alias_size_in_bytes)
+
+
+def device_memory_limit() -> int | None:
+  """Bytes the first device's allocator may hand out (None where unknown, as on a CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def find_max_batch(config, memory_limit: int, *, granularity: int = 8, log=lambda msg: None,
+                   **dims) -> tuple[int, list[dict]]:
+  """The largest multiple of ``granularity`` per device whose train step fits in ``memory_limit`` bytes.
+
+  Memory grows about linearly with the batch: two compiles give the line, the
+  next checks its prediction, stepping down by the bytes it overshot until one
+  fits, then up while the next multiple still fits (so the answer is the
+  largest, not just one that fits). Returns the batch and every probe made,
+  as {batch_per_device, bytes} rows.
+  """
+  probes = []
+  measured: dict[int, int] = {}
+
+  def fits(batch: int) -> bool:
+    if batch not in measured:
+      measured[batch] = train_step_memory(config, batch, **dims)
+      probes.append({"batch_per_device": batch, "bytes": measured[batch]})
+      log(f"batch_per_device={batch}: {measured[batch] / 2**30:.3f} GiB of {memory_limit / 2**30:.3f} GiB")
+    return measured[batch] <= memory_limit
+
+  low, high = granularity, 2 * granularity
+  if not fits(low):
+    raise ValueError(f"batch_per_device={low} already needs {measured[low] / 2**30:.2f} GiB, more than the "
+                     f"{memory_limit / 2**30:.2f} GiB limit")
+  fits(high)
+  per_example = max((measured[high] - measured[low]) / (high - low), 1.0)
+  fixed = measured[low] - per_example * low
+  best = high if measured[high] <= memory_limit else low
+  guess = int((memory_limit - fixed) / per_example) // granularity * granularity
+  for _ in range(6):  # down from the prediction until one fits
+    if guess <= best:
+      break
+    if fits(guess):
+      best = guess
+      break
+    overshoot = (measured[guess] - memory_limit) / per_example
+    guess -= max(1, int(np.ceil(overshoot / granularity))) * granularity
+  for _ in range(6):  # then up while the next one fits too
+    if not fits(best + granularity):
+      break
+    best += granularity
+  return best, probes
+
+
+def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_steps: int = 2,
+              seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0,
+              skip_eval: bool = False) -> dict:
+  from trm_jax import act, steps  # pylint: disable=g-import-not-at-top
+
+  setup = _setup(config, batch_per_device=batch_per_device, seq_len=seq_len, vocab_size=vocab_size,
+                 num_puzzle_identifiers=num_puzzle_identifiers)
+  model, mesh, global_batch = setup.model, setup.mesh, setup.global_batch
+  seq_len, vocab_size, num_ids = setup.seq_len, setup.vocab_size, setup.num_ids
+  state = jax.jit(setup.create_state, out_shardings=setup.state_sh)()
+  rng = np.random.default_rng(0)
+  host_batch = {"inputs": rng.integers(0, vocab_size, (global_batch, seq_len)).astype(np.int32),
+                "labels": rng.integers(0, vocab_size, (global_batch, seq_len)).astype(np.int32),
+                "puzzle_identifiers": rng.integers(0, num_ids, (global_batch,)).astype(np.int32)}
+  batch = jax.device_put(host_batch, setup.batch_sh)
+  carry = jax.jit(lambda b: act.initial_carry(model, b), out_shardings=setup.carry_sh)(batch)
+
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, carry, batch).compile()
+  compiled = setup.train_step.lower(state, carry, batch).compile()
   compile_train = time.perf_counter() - t0
   holder = {"state": state, "carry": carry}
 
@@ -153,8 +269,9 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "compile_train_s": compile_train,
   }
   if not skip_eval:
+    state_sh = setup.state_sh
     eval_fn = jax.jit(lambda p, t, b: steps.eval_step(p, t, b, model=model),
-                      in_shardings=(state_sh.params, state_sh.puzzle_emb, batch_sh))
+                      in_shardings=(state_sh.params, state_sh.puzzle_emb, setup.batch_sh))
     t0 = time.perf_counter()
     eval_compiled = eval_fn.lower(holder["state"].params, holder["state"].puzzle_emb, batch).compile()
     result["compile_eval_s"] = time.perf_counter() - t0
@@ -174,18 +291,48 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   if analysis is not None:
     result["compiled_temp_bytes"] = int(getattr(analysis, "temp_size_in_bytes", 0))
     result["compiled_argument_bytes"] = int(getattr(analysis, "argument_size_in_bytes", 0))
-  del shards
   return result
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from trm_jax import train  # pylint: disable=g-import-not-at-top
+  dims = dict(seq_len=FLAGS.seq_len, vocab_size=FLAGS.vocab_size,
+              num_puzzle_identifiers=FLAGS.num_puzzle_identifiers)
+  run = lambda batch: benchmark(FLAGS.config, batch_per_device=batch, num_steps=FLAGS.steps,
+                                eval_steps=FLAGS.eval_steps, skip_eval=FLAGS.skip_eval, **dims)
   try:
-    result = benchmark(FLAGS.config, batch_per_device=FLAGS.batch_per_device, num_steps=FLAGS.steps,
-                       eval_steps=FLAGS.eval_steps, seq_len=FLAGS.seq_len, vocab_size=FLAGS.vocab_size,
-                       num_puzzle_identifiers=FLAGS.num_puzzle_identifiers, skip_eval=FLAGS.skip_eval)
+    if not FLAGS.find_max_batch:
+      result = run(FLAGS.batch_per_device)
+    else:
+      if FLAGS.batch_per_device:
+        raise ValueError("--find_max_batch chooses the batch; leave --batch_per_device unset")
+      if FLAGS.batch_granularity < 1:
+        raise ValueError(f"--batch_granularity must be >= 1, got {FLAGS.batch_granularity}")
+      limit = int(FLAGS.memory_limit_gb * 2**30)
+      if not limit:
+        device_limit = device_memory_limit()
+        if device_limit is None:
+          raise ValueError(f"{jax.devices()[0].device_kind} reports no memory limit; pass --memory_limit_gb")
+        limit = int(0.97 * device_limit)  # headroom for fragmentation
+      log = lambda msg: print(f"find_max_batch: {msg}", file=sys.stderr, flush=True)
+      batch, probes = find_max_batch(FLAGS.config, limit, granularity=FLAGS.batch_granularity, log=log, **dims)
+      while True:
+        try:
+          result = run(batch)
+          break
+        except Exception as e:  # pylint: disable=broad-except
+          # The estimate ignores fragmentation: step down until it runs.
+          if not _is_out_of_memory(e) or batch <= FLAGS.batch_granularity:
+            raise
+          log(f"batch_per_device={batch} ran out of memory; trying {batch - FLAGS.batch_granularity}")
+          batch -= FLAGS.batch_granularity
+      result["max_batch_search"] = {"memory_limit_bytes": limit, "batch_per_device": batch, "probes": probes}
   except (train.UserError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
