@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.forward_dtype = "bfloat16"  # "bfloat16" or "float32" activations and carry
   m.loss_type = "stablemax_cross_entropy"  # or "softmax_cross_entropy"
   m.kernels = "xla"  # hot-path ops: "xla" or "pallas" (kernels/)
+  m.remat = "none"  # recompute in the backward pass to save memory: "none", "attention" or "network"
 
   # --- Evaluation (SPEC §9).
   c.evaluators = ""  # comma-separated extra evaluators: "arc", "maze" (exact accuracy is always reported)

@@ -94,3 +94,17 @@ def test_bench_cli_find_max_batch():
   proc = subprocess.run([sys.executable, "-m", "trm_jax.bench", *args, "--find_max_batch"],
                         cwd=shared_paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2 and "--memory_limit_gb" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_remat_lowers_the_train_step_memory():
+  """Compiled memory (CPU buffer assignment) of a step where the [B, H, S, S] softmax dominates."""
+  config = _tiny_config()
+  config.unlock()
+  config.model.mlp_t = False
+  config.model.num_heads = 4
+  memory = {}
+  for remat in ("none", "attention", "network"):
+    config.model.remat = remat
+    memory[remat] = bench.train_step_memory(config, 8, seq_len=128, vocab_size=6, num_puzzle_identifiers=3)
+  assert memory["attention"] < 0.8 * memory["none"], memory
+  assert memory["network"] < 0.8 * memory["none"], memory

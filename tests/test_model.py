@@ -43,6 +43,7 @@ def tiny_batch(config, batch_size=4, seed=0):
     (dict(forward_dtype="float16"), "forward_dtype"),
     (dict(loss_type="mse"), "loss_type"),
     (dict(kernels="cuda"), "model.kernels"),
+    (dict(remat="all"), "remat"),
     (dict(H_cycles=0), "H_cycles"),
     (dict(halt_exploration_prob=1.5), "halt_exploration_prob"),
 ])
@@ -195,3 +196,27 @@ def test_gradients_only_through_last_cycle():
   z_grad = jax.jit(jax.grad(lambda z: trm.recursion(config, params, z, carry.z_L, batch["inputs"],
                                                     jnp.ones((4, 32)))[1].sum()))(carry.z_H)
   assert not np.any(z_grad)
+
+
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+def test_remat_changes_memory_not_numbers(kernels):
+  """Every remat policy gives the same loss, carry and gradients as storing everything."""
+  results = {}
+  for remat in trm.REMAT_POLICIES:
+    config = tiny(remat=remat, kernels=kernels, H_cycles=2)
+    params = trm.init_params(tiny(), jax.random.key(0))
+    batch = tiny_batch(config)
+    carry = act.reset_carry(config, params, act.initial_carry(config, batch), batch)
+    rows = jax.random.normal(jax.random.key(1), (4, 32))
+
+    def loss(p, rows, config=config, carry=carry):
+      value, (new_carry, _, _) = losses.act_loss(config, p, rows, carry, train=False)
+      return value, new_carry.z_H
+    (value, z_H), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, rows)
+    results[remat] = (value, z_H, grads)
+  reference = results["none"]
+  for remat in ("attention", "network"):
+    got_leaves = jax.tree.leaves(results[remat])
+    for got, want in zip(got_leaves, jax.tree.leaves(reference)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6, err_msg=remat)
+  assert np.any(reference[2][0]["lm_head"])  # the comparison covers real gradients

@@ -317,3 +317,21 @@ def test_predict_rejects_bad_input(arc_run, tmp_path):
   bad.write_text('{"abc": {"train": [{"input": [[1, 12]], "output": [[1]]}], "test": [{"input": [[0]]}]}}')
   with pytest.raises(train.UserError, match=r"abc.*colour 12"):
     train.predict(config, root / "run", bad, tmp_path / "out.json")
+
+
+def test_out_of_memory_is_a_user_error_with_advice(sudoku_data, tmp_path, monkeypatch):
+  """A step that does not fit says which settings to change (no XLA traceback)."""
+  from trm_jax import steps  # pylint: disable=g-import-not-at-top
+
+  def make_train_step(*args, **kwargs):
+    def failing(state, carry, batch):
+      # Raised while tracing; an allocation failure surfaces from the same call.
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB")
+    return failing
+  monkeypatch.setattr(steps, "make_train_step", make_train_step)
+  with pytest.raises(train.UserError) as info:
+    train.train_and_evaluate(tiny_config(sudoku_data), tmp_path)
+  message = str(info.value)
+  assert "out of device memory at global_batch_size=16" in message
+  for advice in ("model.remat=network", "model.kernels=pallas", "--find_max_batch"):
+    assert advice in message

@@ -44,6 +44,7 @@ flags.DEFINE_bool("find_max_batch", False,
 flags.DEFINE_float("memory_limit_gb", 0.0,
                    "Memory the search may fill, GiB (0: 97% of what the device's allocator may use).")
 flags.DEFINE_integer("batch_granularity", 8, "The search's per-device batch is a multiple of this.")
+flags.DEFINE_bool("search_only", False, "With --find_max_batch: print the search's result without timing it.")
 
 if __name__ != "__main__":
   FLAGS.mark_as_parsed()
@@ -259,8 +260,8 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   peak = peak_flops(jax.devices()[0])
   result = {
       "device": jax.devices()[0].device_kind, "num_devices": mesh.size, "mesh": dict(mesh.shape),
-      "jax": jax.__version__, "kernels": model.kernels, "forward_dtype": model.forward_dtype,
-      "global_batch": global_batch, "seq_len": seq_len, "hidden_size": model.hidden_size,
+      "jax": jax.__version__, "kernels": model.kernels, "remat": model.remat,
+      "forward_dtype": model.forward_dtype, "global_batch": global_batch, "seq_len": seq_len, "hidden_size": model.hidden_size,
       "H_cycles": model.H_cycles, "L_cycles": model.L_cycles, "L_layers": model.L_layers, "mlp_t": model.mlp_t,
       "train_steps_per_s": 1.0 / train_time,
       "train_tokens_per_s": global_batch * seq_len / train_time,
@@ -294,10 +295,6 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   return result
 
 
-def _is_out_of_memory(error: Exception) -> bool:
-  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -322,17 +319,26 @@ def main(argv):
         limit = int(0.97 * device_limit)  # headroom for fragmentation
       log = lambda msg: print(f"find_max_batch: {msg}", file=sys.stderr, flush=True)
       batch, probes = find_max_batch(FLAGS.config, limit, granularity=FLAGS.batch_granularity, log=log, **dims)
+      search = {"memory_limit_bytes": limit, "batch_per_device": batch, "probes": probes}
+      if FLAGS.search_only:
+        model = FLAGS.config.model
+        first, second = probes[0], probes[1]
+        per_example = (second["bytes"] - first["bytes"]) / (second["batch_per_device"] - first["batch_per_device"])
+        print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                          "kernels": model.kernels, "remat": model.remat, "forward_dtype": model.forward_dtype,
+                          "bytes_per_example": per_example, "max_batch_search": search}), flush=True)
+        return
       while True:
         try:
           result = run(batch)
           break
         except Exception as e:  # pylint: disable=broad-except
           # The estimate ignores fragmentation: step down until it runs.
-          if not _is_out_of_memory(e) or batch <= FLAGS.batch_granularity:
+          if not train.is_out_of_memory(e) or batch <= FLAGS.batch_granularity:
             raise
           log(f"batch_per_device={batch} ran out of memory; trying {batch - FLAGS.batch_granularity}")
           batch -= FLAGS.batch_granularity
-      result["max_batch_search"] = {"memory_limit_bytes": limit, "batch_per_device": batch, "probes": probes}
+      result["max_batch_search"] = {**search, "batch_per_device": batch}
   except (train.UserError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

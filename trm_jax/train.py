@@ -52,6 +52,23 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether a JAX runtime error is the device running out of memory."""
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def out_of_memory_error(config: ml_collections.ConfigDict, num_devices: int) -> UserError:
+  """What to change when the step does not fit: the batch, remat or the kernels."""
+  batch = config.global_batch_size
+  return UserError(
+      f"out of device memory at global_batch_size={batch} ({batch / num_devices:g} per device on {num_devices} "
+      f"device(s)) with model.kernels={config.model.kernels!r} and model.remat={config.model.remat!r}. "
+      f"Lower --config.global_batch_size, or save memory with --config.model.remat=network or "
+      f"--config.model.kernels=pallas; `python -m trm_jax.bench --config=<this config> --find_max_batch` "
+      f"finds the largest batch that fits. The latest checkpoint is intact.")
+
+
 USER_ERRORS = (UserError, data_common.DatasetFormatError, checkpoint_lib.IncompatibleCheckpointError)
 
 
@@ -481,6 +498,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           evaluate_and_save()
         elif checkpointer.latest_step() != step:
           save()
+  except jax.errors.JaxRuntimeError as e:
+    if is_out_of_memory(e):
+      raise out_of_memory_error(config, run.mesh.size) from None
+    raise
   finally:
     train_iter.close()
     checkpointer.close()

@@ -10,6 +10,7 @@ the Pallas implementation.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -81,6 +82,7 @@ class Attention(nn.Module):
   hidden_size: int
   num_heads: int
   kernels: str = "xla"
+  remat: bool = False  # recompute the attention op in the backward pass instead of storing its internals
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
@@ -91,7 +93,12 @@ class Attention(nn.Module):
     w_o_DxD = self.param("o_proj", lecun_trunc_normal(dim), (dim, dim))
     qkv = jnp.dot(h_BxSxD, w_qkv_Dx3D.astype(dtype)).reshape(batch, seq, 3 * self.num_heads, head_dim)
     q, k, v = jnp.split(qkv, 3, axis=2)  # each [B, S, H, K], in the original's order
-    out_BxSxHxK = ops.attention(q, k, v, cos_SxK, sin_SxK, impl=self.kernels)
+    attention = functools.partial(ops.attention, impl=self.kernels)
+    if self.remat:
+      # With kernels="xla" the [B, H, S, S] softmax is the largest activation
+      # the backward pass would keep; recomputing it keeps only q, k and v.
+      attention = jax.checkpoint(attention)
+    out_BxSxHxK = attention(q, k, v, cos_SxK, sin_SxK)
     return jnp.dot(out_BxSxHxK.reshape(batch, seq, dim), w_o_DxD.astype(dtype))
 
 
@@ -104,6 +111,7 @@ class Block(nn.Module):
   num_positions: int  # S + P, the width of the mlp_t SwiGLU
   rms_norm_eps: float
   kernels: str = "xla"
+  remat_attention: bool = False
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
@@ -114,7 +122,8 @@ class Block(nn.Module):
       t_BxDxS = ops.residual_rms_norm(t_BxDxS, mixed, eps=self.rms_norm_eps, impl=self.kernels)
       h_BxSxD = jnp.swapaxes(t_BxDxS, 1, 2)
     else:
-      attn = Attention(self.hidden_size, self.num_heads, self.kernels, name="self_attn")(h_BxSxD, cos_SxK, sin_SxK)
+      attn = Attention(self.hidden_size, self.num_heads, self.kernels, self.remat_attention,
+                       name="self_attn")(h_BxSxD, cos_SxK, sin_SxK)
       h_BxSxD = ops.residual_rms_norm(h_BxSxD, attn, eps=self.rms_norm_eps, impl=self.kernels)
     mlp = SwiGLU(self.hidden_size, self.expansion, self.kernels, name="mlp")(h_BxSxD)
     return ops.residual_rms_norm(h_BxSxD, mlp, eps=self.rms_norm_eps, impl=self.kernels)
@@ -130,6 +139,7 @@ class ReasoningModule(nn.Module):
   num_positions: int
   rms_norm_eps: float
   kernels: str = "xla"
+  remat_attention: bool = False
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, inj_BxSxD: jax.Array,
@@ -137,5 +147,6 @@ class ReasoningModule(nn.Module):
     h_BxSxD = h_BxSxD + inj_BxSxD
     for i in range(self.num_layers):
       h_BxSxD = Block(self.hidden_size, self.num_heads, self.expansion, self.mlp_t, self.num_positions,
-                      self.rms_norm_eps, self.kernels, name=f"layers_{i}")(h_BxSxD, cos_SxK, sin_SxK)
+                      self.rms_norm_eps, self.kernels, self.remat_attention,
+                      name=f"layers_{i}")(h_BxSxD, cos_SxK, sin_SxK)
     return h_BxSxD

@@ -28,6 +28,11 @@ from trm_jax.models import layers
 POS_ENCODINGS = ("rope", "learned", "none")
 FORWARD_DTYPES = ("float32", "bfloat16")
 LOSS_TYPES = ("stablemax_cross_entropy", "softmax_cross_entropy")
+# What the backward pass recomputes instead of storing (numbers unchanged):
+# "none"; "attention": each attention op's internals (with kernels="xla", the
+# [B, H, S, S] softmax); "network": everything inside each application of f,
+# of which only the inputs are kept.
+REMAT_POLICIES = ("none", "attention", "network")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class TRMConfig:
   forward_dtype: str = "bfloat16"
   loss_type: str = "stablemax_cross_entropy"
   kernels: str = "xla"
+  remat: str = "none"
 
   def __post_init__(self):
     def fail(field, expected):
@@ -88,6 +94,8 @@ class TRMConfig:
     if self.expansion <= 0:
       fail("expansion", "a positive number")
     ops.check_impl(self.kernels)
+    if self.remat not in REMAT_POLICIES:
+      fail("remat", f"one of {REMAT_POLICIES}")
 
   @property
   def head_dim(self) -> int:
@@ -149,7 +157,8 @@ class TRMNetwork(nn.Module):
     self.L_init = self.param("L_init", layers.trunc_normal(1.0), (d,))
     self.L_level = layers.ReasoningModule(
         num_layers=c.L_layers, hidden_size=d, num_heads=c.num_heads, expansion=c.expansion,
-        mlp_t=c.mlp_t, num_positions=c.num_positions, rms_norm_eps=c.rms_norm_eps, kernels=c.kernels)
+        mlp_t=c.mlp_t, num_positions=c.num_positions, rms_norm_eps=c.rms_norm_eps, kernels=c.kernels,
+        remat_attention=c.remat == "attention")
 
   def embed(self, inputs_BxS: jax.Array, puzzle_rows_BxE: jax.Array | None) -> jax.Array:
     """Token embeddings with the puzzle-embedding prefix: ``[B, S+P, D]`` in the forward dtype."""
@@ -229,12 +238,18 @@ def recursion(config: TRMConfig, params: Mapping[str, Any], z_H_BxSxD: jax.Array
   def apply(p, method, *args):
     return net.apply({"params": p}, *args, method=method)
 
+  def reason(p, z, inj, cos, sin):
+    return apply(p, TRMNetwork.reason, z, inj, cos, sin)
+  if config.remat == "network":
+    # The graded cycle then keeps only each call's inputs for the backward pass.
+    reason = jax.checkpoint(reason)
+
   def run_cycles(p, x_BxSxD, cos, sin, z_H, z_L):
     """One H cycle: L_cycles latent updates, then one answer update."""
     def latent_update(z_L, _):
-      return apply(p, TRMNetwork.reason, z_L, z_H + x_BxSxD, cos, sin), None
+      return reason(p, z_L, z_H + x_BxSxD, cos, sin), None
     z_L, _ = jax.lax.scan(latent_update, z_L, None, length=config.L_cycles)
-    z_H = apply(p, TRMNetwork.reason, z_H, z_L, cos, sin)
+    z_H = reason(p, z_H, z_L, cos, sin)
     return z_H, z_L
 
   cos, sin = apply(params, TRMNetwork.rope)
