@@ -28,6 +28,7 @@ def test_cases_follow_the_model_shapes():
   assert set(cases) == {"attention", "rms_norm", "swiglu"}
   q = cases["attention"].args[0]
   assert q.shape == (3, 17, 2, 16) and cases["attention"].args[3].shape == (17, 16)  # RoPE tables
+  assert cases["attention"].num_diff == 3  # the tables are constants, as in the model
   assert cases["swiglu"].args[1].shape == (32, 2 * 256)
   mlp_t = {c.name for c in bench_kernels._cases(_model(mlp_t=True), 3, list(bench_kernels.OPS))}
   assert mlp_t == {"rms_norm", "swiglu", "rms_norm_mlp_t", "swiglu_mlp_t"}  # no attention
