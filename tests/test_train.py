@@ -335,3 +335,20 @@ def test_out_of_memory_is_a_user_error_with_advice(sudoku_data, tmp_path, monkey
   assert "out of device memory at global_batch_size=16" in message
   for advice in ("model.remat=network", "model.kernels=pallas", "--find_max_batch"):
     assert advice in message
+
+
+def test_readme_notebook_block_runs(sudoku_data, tmp_path, monkeypatch):
+  """The README's Python block, as written, on a tiny model and dataset."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  readme = (shared_paths.REPO_ROOT / "README.md").read_text()
+  match = re.search(r"```python\n(.*?)```", readme, re.S)
+  assert match, "README.md has no ```python block"
+  tiny = tiny_config(sudoku_data, eval_interval=20)
+  monkeypatch.setattr(quickstart, "get_config", lambda arg=None: tiny)
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  exec(compile(match.group(1), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["summary"]["end_step"] > 0 and "all/exact_accuracy" in namespace["summary"]["last_eval"]
+  assert namespace["solved"].shape == (8,)
+  assert namespace["results"]["all/exact_accuracy"] == namespace["summary"]["best_metric"]  # the best checkpoint
+  assert namespace["weights_npz"].is_file()
