@@ -76,8 +76,14 @@ class Checkpointer:
     self.workdir = pathlib.Path(workdir).absolute()
 
     def manager(name, max_to_keep):
-      options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=async_save)
+      # Each manager's barriers get their own names: the two save the same
+      # step, and orbax names its barriers by step only, so with several
+      # processes their background commits would wait on one barrier at once
+      # ("Barrier _async_commit_complete.<step> is already ongoing") and
+      # the processes would fall out of step.
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"trm_{name}"))
       return ocp.CheckpointManager(self.workdir / name, options=options, item_names=ITEMS)
     self.latest = manager("checkpoints", keep)
     self.best = manager("best", 1) if keep_best else None
