@@ -1,5 +1,6 @@
 """The benchmark CLI runs on a CPU and reports what it promises."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ def test_bench_prints_one_json_line():
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1
   result = json.loads(lines[0])
-  for key in ("train_steps_per_s", "train_tokens_per_s", "train_flops_per_step", "train_mfu", "compile_train_s",
+  for key in ("train_steps_per_s", "train_tokens_per_s", "train_flops_per_step", "train_mfu", "train_hfu", "compile_train_s",
               "eval_batches_per_s", "peak_memory_bytes", "kernels", "device"):
     assert key in result, key
   assert result["train_steps_per_s"] > 0 and result["global_batch"] == 4 and result["seq_len"] == 16
@@ -39,6 +40,11 @@ def test_flops_formula():
   heads = 2 * 900 * 512 * 12 + 2 * 512 * 2
   assert flops["eval_call"] == 3 * 5 * 2 * per_layer + heads
   assert flops["train"] == flops["eval_call"] + 2 * (5 * 2 * per_layer + heads)
+  assert flops["train_recomputed"] == 0
+  network = bench.step_flops(dataclasses.replace(model, remat="network"), b)
+  assert network["train"] == flops["train"] and network["train_recomputed"] == 5 * 2 * per_layer
+  attention = bench.step_flops(dataclasses.replace(model, remat="attention"), b)
+  assert attention["train_recomputed"] == 5 * 2 * 4 * length * length * d
 
 
 def _tiny_config():

@@ -78,15 +78,28 @@ def f_flops(model, batch: int) -> float:
 
 
 def step_flops(model, batch: int) -> dict[str, float]:
-  """Analytic FLOPs of one ACT call: forward everywhere, backward through the last cycle."""
+  """Analytic FLOPs of one ACT call: forward everywhere, backward through the last cycle.
+
+  ``train`` counts the model's FLOPs (what MFU divides); ``train_recomputed``
+  what ``model.remat`` adds on top by recomputing the graded cycle's forward
+  (all of f for "network", the attention scores and weighted sum for
+  "attention"), for the hardware FLOP utilisation.
+  """
   f = f_flops(model, batch)
+  graded_calls = model.L_cycles + 1
   heads = 2 * batch * model.seq_len * model.hidden_size * model.vocab_size + 2 * batch * model.hidden_size * 2
   forward = model.H_cycles * (model.L_cycles + 1) * f + heads
   backward = 2 * ((model.L_cycles + 1) * f + heads)
   train = forward + backward
   if not model.no_ACT_continue:
     train += forward  # the target's extra forward
-  return {"train": float(train), "eval_call": float(forward)}
+  recomputed = 0
+  if model.remat == "network":
+    recomputed = graded_calls * f
+  elif model.remat == "attention" and not model.mlp_t:
+    length = model.num_positions
+    recomputed = graded_calls * model.L_layers * 2 * 2 * batch * length * length * model.hidden_size
+  return {"train": float(train), "train_recomputed": float(recomputed), "eval_call": float(forward)}
 
 
 def _time(fn, n: int) -> float:
@@ -267,6 +280,8 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "train_tokens_per_s": global_batch * seq_len / train_time,
       "train_flops_per_step": flops["train"],
       "train_mfu": (flops["train"] / train_time / (peak * mesh.size)) if peak else None,
+      "train_flops_recomputed_per_step": flops["train_recomputed"],
+      "train_hfu": ((flops["train"] + flops["train_recomputed"]) / train_time / (peak * mesh.size)) if peak else None,
       "compile_train_s": compile_train,
   }
   if not skip_eval:
