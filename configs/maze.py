@@ -16,12 +16,7 @@ def get_config(arg: str | None = None):
   c.puzzle_emb_weight_decay = 1.0
   c.ema = True
   c.model.L_cycles = 4
-  # Memory, not math: with kernels="xla" the train step keeps every [B, H, S, S]
-  # softmax of the graded cycle (about 780 MB per example at S=916), so the
-  # paper's 192 examples per GPU would not fit; recomputing each application
-  # of f needs about 244 MB per example for ~20% more FLOPs. With
-  # kernels="pallas", remat="none" (138 MB per example) is the faster choice.
-  c.model.remat = "network"
+  c.model.remat = "network"  # same shapes as ARC: see configs/arc.py for why
   c.evaluators = "maze"
   c.best_metric = "all/exact_accuracy"
   c.lock()

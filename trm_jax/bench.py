@@ -31,23 +31,6 @@ import numpy as np
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/arc.py", "Config file (configs/x.py[:arg]).", lock_config=True)
-flags.DEFINE_integer("batch_per_device", 0, "Examples per device (0: global_batch_size / devices).")
-flags.DEFINE_integer("steps", 10, "Timed train steps.")
-flags.DEFINE_integer("eval_steps", 2, "Timed eval steps (each runs halt_max_steps ACT calls).")
-flags.DEFINE_integer("seq_len", 0, "Sequence length when data_path is absent (0: 900, as ARC and mazes).")
-flags.DEFINE_integer("vocab_size", 0, "Vocabulary when data_path is absent (0: 12, as ARC).")
-flags.DEFINE_integer("num_puzzle_identifiers", 0, "Puzzle ids when data_path is absent (0: 1000).")
-flags.DEFINE_bool("skip_eval", False, "Time only the train step.")
-flags.DEFINE_bool("find_max_batch", False,
-                  "Find the largest batch_per_device whose train step fits in device memory, then time it.")
-flags.DEFINE_float("memory_limit_gb", 0.0,
-                   "Memory the search may fill, GiB (0: 97% of what the device's allocator may use).")
-flags.DEFINE_integer("batch_granularity", 8, "The search's per-device batch is a multiple of this.")
-flags.DEFINE_bool("search_only", False, "With --find_max_batch: print the search's result without timing it.")
-
-if __name__ != "__main__":
-  FLAGS.mark_as_parsed()
 
 # Dense bf16 tensor-core peaks (FLOP/s), by device kind; float32 runs use the
 # same number (an upper bound: the MFU is then conservative).
@@ -128,11 +111,11 @@ class _Setup:
   train_step: Any  # jitted, with shardings and donation
 
 
-def _setup(config, *, batch_per_device: int = 0, seq_len: int = 0, vocab_size: int = 0,
-           num_puzzle_identifiers: int = 0) -> _Setup:
+def model_for(config, *, seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0):
+  """The model config the benchmarks time: the dataset's sizes when ``data_path``
+  holds one, else the given ones (0: ARC's 900 tokens, vocabulary 12, 1000 ids)."""
   from data_prep import common  # pylint: disable=g-import-not-at-top
-  from trm_jax import act, optim, sharding, state as state_lib, steps, train  # pylint: disable=g-import-not-at-top
-
+  from trm_jax import train  # pylint: disable=g-import-not-at-top
   split = pathlib.Path(config.data_path) / "train"
   if config.data_path and (split / common.METADATA_FILE).is_file():
     meta = common.load_split(split).metadata
@@ -142,7 +125,15 @@ def _setup(config, *, batch_per_device: int = 0, seq_len: int = 0, vocab_size: i
   metadata = common.DatasetMetadata(seq_len=seq_len, vocab_size=vocab_size, pad_id=0, ignore_label_id=0,
                                     blank_identifier_id=0, num_puzzle_identifiers=num_ids, total_groups=1,
                                     mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
-  model = train.model_config(config, metadata)
+  return train.model_config(config, metadata)
+
+
+def _setup(config, *, batch_per_device: int = 0, seq_len: int = 0, vocab_size: int = 0,
+           num_puzzle_identifiers: int = 0) -> _Setup:
+  from trm_jax import act, optim, sharding, state as state_lib, steps  # pylint: disable=g-import-not-at-top
+
+  model = model_for(config, seq_len=seq_len, vocab_size=vocab_size, num_puzzle_identifiers=num_puzzle_identifiers)
+  seq_len, vocab_size, num_ids = model.seq_len, model.vocab_size, model.num_puzzle_identifiers
   mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
   global_batch = batch_per_device * mesh.size if batch_per_device else config.global_batch_size
   sharding.check_global_batch_size(global_batch, mesh)
@@ -310,6 +301,24 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   return result
 
 
+def _define_flags():
+  """Flags exist only when this runs as a program, so that other tools can import it."""
+  config_flags.DEFINE_config_file("config", "configs/arc.py", "Config file (configs/x.py[:arg]).", lock_config=True)
+  flags.DEFINE_integer("batch_per_device", 0, "Examples per device (0: global_batch_size / devices).")
+  flags.DEFINE_integer("steps", 10, "Timed train steps.")
+  flags.DEFINE_integer("eval_steps", 2, "Timed eval steps (each runs halt_max_steps ACT calls).")
+  flags.DEFINE_integer("seq_len", 0, "Sequence length when data_path is absent (0: 900, as ARC and mazes).")
+  flags.DEFINE_integer("vocab_size", 0, "Vocabulary when data_path is absent (0: 12, as ARC).")
+  flags.DEFINE_integer("num_puzzle_identifiers", 0, "Puzzle ids when data_path is absent (0: 1000).")
+  flags.DEFINE_bool("skip_eval", False, "Time only the train step.")
+  flags.DEFINE_bool("find_max_batch", False,
+                    "Find the largest batch_per_device whose train step fits in device memory, then time it.")
+  flags.DEFINE_float("memory_limit_gb", 0.0,
+                     "Memory the search may fill, GiB (0: 97% of what the device's allocator may use).")
+  flags.DEFINE_integer("batch_granularity", 8, "The search's per-device batch is a multiple of this.")
+  flags.DEFINE_bool("search_only", False, "With --find_max_batch: print the search's result without timing it.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -361,4 +370,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

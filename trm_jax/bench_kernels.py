@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import pathlib
 import sys
 import time
 from typing import Any, Callable
@@ -263,7 +262,7 @@ def run(model, batch: int, *, ops: list[str], sweep: str = "none", max_candidate
 
 
 def _define_flags():
-  """Flags exist only when this runs as a program (bench.py owns the same names)."""
+  """Flags exist only when this runs as a program (bench.py has flags of the same names)."""
   config_flags.DEFINE_config_file("config", "configs/arc.py", "Config file (configs/x.py[:arg]).", lock_config=True)
   flags.DEFINE_integer("batch_per_device", 0, "Examples per device (0: global_batch_size / devices).")
   flags.DEFINE_list("ops", ["attention", "rms_norm", "swiglu"], "Ops to time (those the config uses).")
@@ -277,22 +276,14 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from data_prep import common  # pylint: disable=g-import-not-at-top
-  from trm_jax import train  # pylint: disable=g-import-not-at-top
+  from trm_jax import bench, train  # pylint: disable=g-import-not-at-top
   unknown = [op for op in FLAGS.ops if op not in OPS]
   if unknown:
     print(f"error: --ops: unknown {unknown}; expected some of {list(OPS)}", file=sys.stderr)
     sys.exit(2)
   config = FLAGS.config
-  split = pathlib.Path(config.data_path) / "train"
-  seq_len = FLAGS.seq_len or 900
-  if config.data_path and (split / common.METADATA_FILE).is_file():
-    seq_len = common.load_split(split).metadata.seq_len
-  metadata = common.DatasetMetadata(seq_len=seq_len, vocab_size=12, pad_id=0, ignore_label_id=0,
-                                    blank_identifier_id=0, num_puzzle_identifiers=1, total_groups=1,
-                                    mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
   try:
-    model = train.model_config(config, metadata)
+    model = bench.model_for(config, seq_len=FLAGS.seq_len)
   except (train.UserError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
