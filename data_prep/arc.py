@@ -6,10 +6,9 @@ Usage (ARC-AGI-2, the paper's setting)::
       --test-set-name evaluation2 --output-dir data/arc2concept-aug-1000
 
 Reads ``<prefix>_<subset>_challenges.json`` and ``<prefix>_<subset>_solutions.json``
-for every subset. ``--input-file-prefix`` defaults to
-``$TRM_SHARED_DIR/data/arc/arc-agi`` when that variable is set, else to
-``<repository root>/../shared/data/arc/arc-agi`` (so the default does not
-depend on the working directory).
+for every subset (or their ``.xz``-compressed forms). ``--input-file-prefix``
+defaults to the files shipped in ``data_prep/raw/arc`` (ARC-AGI-1, ARC-AGI-2
+and ConceptARC), found from this file, not the working directory.
 
 The output equals the original builder's (``dataset/build_arc_dataset.py`` of
 TinyRecursiveModels) run with the same seed, example for example: the same
@@ -79,11 +78,8 @@ class ArcDataError(ValueError):
 
 
 def default_input_prefix() -> str:
-  shared = os.environ.get("TRM_SHARED_DIR")
-  if shared:
-    return str(pathlib.Path(shared) / "data" / "arc" / "arc-agi")
-  repo_root = pathlib.Path(__file__).resolve().parents[1]
-  return str(repo_root.parent / "shared" / "data" / "arc" / "arc-agi")
+  """The ARC files shipped with the project (``data_prep/raw/arc``, xz-compressed)."""
+  return str(common.RAW_DATA_DIR / "arc" / "arc-agi")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +136,7 @@ class WarningCounter:
 
 def _load_json(path: pathlib.Path, what: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
+    with common.open_input(path, encoding="utf-8") as f:
       return json.load(f)
   except FileNotFoundError:
     raise ArcDataError(f"{path}: {what} file not found") from None
@@ -191,7 +187,7 @@ def load_subset(files: SubsetFiles, *, is_test_set: bool, allow_missing_test_sol
 
   solutions = None
   spath = files.solutions_path
-  if spath is not None and spath.is_file():
+  if spath is not None and common.input_exists(spath):
     solutions = _load_json(spath, "solutions")
     if not isinstance(solutions, dict):
       raise ArcDataError(f"{spath}: expected a JSON object puzzle id -> list of output grids")
@@ -737,9 +733,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m data_prep.arc",
       description="Build the augmented ARC-AGI dataset (SPEC §7) in the trm-jax format.")
   p.add_argument("--input-file-prefix", default=default_input_prefix(),
-                 help="files are <prefix>_<subset>_{challenges,solutions}.json (default: %(default)s; "
-                      "$TRM_SHARED_DIR/data/arc/arc-agi when TRM_SHARED_DIR is set, else "
-                      "<repo>/../shared/data/arc/arc-agi)")
+                 help="files are <prefix>_<subset>_{challenges,solutions}.json[.xz] (default: the files "
+                      "shipped in data_prep/raw/arc)")
   p.add_argument("--subsets", nargs="+", default=None,
                  help="subsets in build order (default: training evaluation concept = ARC-AGI-1; ARC-AGI-2 is "
                       "training2 evaluation2 concept)")
@@ -773,10 +768,10 @@ def _subsets_from_args(args: argparse.Namespace) -> tuple[list[SubsetFiles], str
     if args.subsets is not None or args.test_set_name is not None:
       raise ArcDataError("--challenges-file replaces --subsets and --test-set-name; pass one or the other")
     challenges = pathlib.Path(args.challenges_file)
-    if not challenges.is_file():
+    if not common.input_exists(challenges):
       raise ArcDataError(f"{challenges}: challenges file not found (--challenges-file)")
     solutions = pathlib.Path(args.solutions_file) if args.solutions_file else None
-    if solutions is not None and not solutions.is_file():
+    if solutions is not None and not common.input_exists(solutions):
       raise ArcDataError(f"{solutions}: solutions file not found (--solutions-file)")
     return [SubsetFiles(PREDICT_SUBSET_NAME, challenges, solutions)], PREDICT_SUBSET_NAME, solutions is None
   if args.solutions_file is not None:
@@ -786,9 +781,10 @@ def _subsets_from_args(args: argparse.Namespace) -> tuple[list[SubsetFiles], str
   prefix = pathlib.Path(args.input_file_prefix)
   subsets = [SubsetFiles.from_prefix(args.input_file_prefix, name) for name in names]
   for s in subsets:
-    if not s.challenges_path.is_file():
-      pattern = f"{prefix.name}_*_challenges.json"
-      avail = sorted(p.name[len(prefix.name) + 1:-len("_challenges.json")] for p in prefix.parent.glob(pattern))
+    if not common.input_exists(s.challenges_path):
+      pattern = f"{prefix.name}_*_challenges.json*"
+      avail = sorted({p.name[len(prefix.name) + 1:].split("_challenges.json")[0]
+                      for p in prefix.parent.glob(pattern)})
       raise ArcDataError(f"unknown subset {s.name!r}: {s.challenges_path} not found (subsets with this prefix: "
                          f"{', '.join(avail) or 'none'})")
   return subsets, test_set, args.allow_missing_test_solutions

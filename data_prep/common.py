@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import lzma
 import os
 import pathlib
 import shutil
@@ -50,6 +51,8 @@ DEFAULT_EXAMPLES_PER_SHARD = 1 << 20
 # The original's label value for "no loss here"; SPEC §7 turns ignore_label_id
 # into this when batches are made.
 IGNORE_LABEL = -100
+# The raw puzzle files shipped with the project (ARC JSON, Sudoku lists), xz-compressed.
+RAW_DATA_DIR = pathlib.Path(__file__).resolve().parent / "raw"
 
 
 class DatasetFormatError(ValueError):
@@ -417,6 +420,34 @@ class ExampleReader:
   def close(self) -> None:
     for r in self._readers:
       r.close()
+
+
+def input_path(path: str | os.PathLike) -> pathlib.Path:
+  """``path``, or ``path.xz`` when only the xz-compressed file exists.
+
+  The puzzle files the project ships (``data_prep/raw``) are xz-compressed;
+  every reader takes the plain or the compressed name alike. A path found in
+  neither form comes back unchanged, so that errors name what was asked for.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file() and path.suffix != ".xz":
+    compressed = path.with_name(path.name + ".xz")
+    if compressed.is_file():
+      return compressed
+  return path
+
+
+def input_exists(path: str | os.PathLike) -> bool:
+  """Whether ``path`` or its ``.xz`` form is a file."""
+  return input_path(path).is_file()
+
+
+def open_input(path: str | os.PathLike, **kwargs: Any):
+  """Opens an input file for reading as text, decompressing ``.xz`` files."""
+  path = input_path(path)
+  if path.suffix == ".xz":
+    return lzma.open(path, "rt", **kwargs)
+  return open(path, "r", **kwargs)
 
 
 def warn(msg: str) -> None:

@@ -309,6 +309,11 @@ def read_sudoku_csv(path: str | os.PathLike, min_difficulty: int | None = None):
   return np.concatenate(q_chunks), np.concatenate(a_chunks), np.concatenate(r_chunks)
 
 
+def shipped_lists() -> list[pathlib.Path]:
+  """The tdoku-format puzzle lists shipped with the project (``data_prep/raw/sudoku``)."""
+  return sorted((common.RAW_DATA_DIR / "sudoku").glob("*.txt.xz"))
+
+
 def read_puzzle_list(path: str | os.PathLike) -> tuple[np.ndarray, list[int]]:
   """Reads a tdoku-format list: ``(boards [N,81] uint8, line numbers)``.
 
@@ -317,10 +322,10 @@ def read_puzzle_list(path: str | os.PathLike) -> tuple[np.ndarray, list[int]]:
   ``1-9 . 0``.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
+  if not common.input_exists(path):
     raise InputError(f"{path}: no such file")
   strings, line_numbers = [], []
-  with open(path, encoding="ascii", errors="replace") as f:
+  with common.open_input(path, encoding="ascii", errors="replace") as f:
     for ln, line in enumerate(f, 1):
       s = line.strip()
       if not s or s.startswith("#"):
@@ -623,7 +628,8 @@ def _parser() -> argparse.ArgumentParser:
                       "solve, rate, drop puzzles without a unique solution, split so that no test "
                       "puzzle is equivalent to a train puzzle.")
   common_flags(sp, "data/sudoku-lists")
-  sp.add_argument("inputs", nargs="+", help="puzzle list files")
+  sp.add_argument("inputs", nargs="*",
+                  help="puzzle list files, plain or .xz (default: the four lists shipped in data_prep/raw/sudoku)")
   g = sp.add_mutually_exclusive_group()
   g.add_argument("--test-fraction", type=float, default=0.1,
                  help="fraction of usable puzzles for test (default %(default)s)")
@@ -660,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              min_difficulty=args.min_difficulty, num_aug=args.num_aug,
                              seed=args.seed, overwrite=args.overwrite, progress=True)
     elif args.mode == "lists":
-      metas = build_from_lists(args.output_dir, args.inputs, test_fraction=args.test_fraction,
+      metas = build_from_lists(args.output_dir, args.inputs or shipped_lists(), test_fraction=args.test_fraction,
                                num_test=args.num_test, subsample_size=args.subsample_size,
                                min_difficulty=args.min_difficulty, num_aug=args.num_aug,
                                seed=args.seed, overwrite=args.overwrite,

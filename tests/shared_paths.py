@@ -1,14 +1,12 @@
-"""Where the project's shared inputs live: ../shared beside the checkout."""
+"""Where the tests find the inputs the project ships: puzzle files and golden numbers."""
 
-import os
 import pathlib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The project is checked out beside ../shared (SPEC.md, golden/, data/).
-SHARED_DIR = pathlib.Path(os.environ.get("TRM_SHARED_DIR", REPO_ROOT.parent / "shared"))
-GOLDEN_DIR = SHARED_DIR / "golden"
-DATA_DIR = SHARED_DIR / "data"
+# The raw ARC JSON and Sudoku lists (xz-compressed; data_prep reads them as they are).
+DATA_DIR = REPO_ROOT / "data_prep" / "raw"
+# Numbers recorded from the original code (see golden/README.md there).
+GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
 
-MODEL_GOLDEN_FILES = sorted(
-    p for p in GOLDEN_DIR.glob("trm_*.npz")
-) if GOLDEN_DIR.is_dir() else []
+MODEL_GOLDEN_FILES = sorted(GOLDEN_DIR.glob("trm_*.npz"))
+

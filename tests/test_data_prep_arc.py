@@ -63,9 +63,9 @@ def originals(arc_prefix):
   """(subset, puzzle id) -> {'train': [(in, out)], 'test': [(in, out)]} of the first LIMIT puzzles."""
   result = {}
   for subset in SUBSETS:
-    with open(f"{arc_prefix}_{subset}_challenges.json") as f:
+    with common.open_input(f"{arc_prefix}_{subset}_challenges.json") as f:
       ch = json.load(f)
-    with open(f"{arc_prefix}_{subset}_solutions.json") as f:
+    with common.open_input(f"{arc_prefix}_{subset}_solutions.json") as f:
       so = json.load(f)
     for pid in list(ch)[:LIMIT]:
       result[pid] = {
@@ -243,7 +243,7 @@ def small_prefix(tmp_path, arc_prefix):
   prefix.parent.mkdir()
   for subset in ("training", "evaluation"):
     for kind in ("challenges", "solutions"):
-      with open(f"{arc_prefix}_{subset}_{kind}.json") as f:
+      with common.open_input(f"{arc_prefix}_{subset}_{kind}.json") as f:
         d = json.load(f)
       keep = list(d)[:2]
       (prefix.parent / f"arc-agi_{subset}_{kind}.json").write_text(json.dumps({k: d[k] for k in keep}))

@@ -1,4 +1,4 @@
-"""The model against the original's numbers (../shared/golden) and the golden CLI."""
+"""The model against the original's numbers (tests/golden) and the golden CLI."""
 
 import numpy as np
 import pytest

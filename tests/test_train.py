@@ -306,8 +306,10 @@ def test_arc_evaluation_in_training(arc_run):
 
 def test_predict_writes_a_valid_submission(arc_run, tmp_path):
   root, config, _ = arc_run
-  challenges = json.loads((shared_paths.DATA_DIR / "arc" / "arc-agi_evaluation_challenges.json").read_text())
-  solutions = json.loads((shared_paths.DATA_DIR / "arc" / "arc-agi_evaluation_solutions.json").read_text())
+  with common.open_input(shared_paths.DATA_DIR / "arc" / "arc-agi_evaluation_challenges.json") as f:
+    challenges = json.load(f)
+  with common.open_input(shared_paths.DATA_DIR / "arc" / "arc-agi_evaluation_solutions.json") as f:
+    solutions = json.load(f)
   names = list(challenges)[:4]  # three the run trained on, one it never saw
   (tmp_path / "slice_challenges.json").write_text(json.dumps({n: challenges[n] for n in names}))
   (tmp_path / "slice_solutions.json").write_text(json.dumps({n: solutions[n] for n in names}))

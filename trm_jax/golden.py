@@ -2,7 +2,7 @@ r"""Checks this implementation against numbers from the original code.
 
     python -m trm_jax.golden FILE.npz [FILE ...] [--kernels=pallas]
 
-Any file of the golden format (``../shared/golden/README.md``) works: model
+Any file of the golden format (``tests/golden/README.md``) works: model
 files (``config_json`` + ``param/*`` + eval/train/trajectory entries) for any
 configuration that format can express, ``adam_atan2``-style optimiser files
 (``hparams_json`` + ``param<t>``/``grad<t>``) and ``stablemax_ce``-style loss

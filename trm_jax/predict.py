@@ -34,10 +34,12 @@ from trm_jax import sharding
 
 
 def _solutions_beside(challenges: pathlib.Path) -> pathlib.Path | None:
-  if challenges.name.endswith("_challenges.json"):
-    sibling = challenges.with_name(challenges.name[:-len("_challenges.json")] + "_solutions.json")
-    if sibling.is_file():
-      return sibling
+  """``<x>_solutions.json`` beside ``<x>_challenges.json`` (either may be ``.xz``-compressed)."""
+  name = challenges.name.removesuffix(".xz")
+  if name.endswith("_challenges.json"):
+    sibling = challenges.with_name(name[:-len("_challenges.json")] + "_solutions.json")
+    if data_common.input_exists(sibling):
+      return data_common.input_path(sibling)
   return None
 
 
