@@ -369,3 +369,25 @@ def test_readme_notebook_block_runs(sudoku_data, tmp_path, monkeypatch):
   assert namespace["solved"].shape == (8,)
   assert namespace["results"]["all/exact_accuracy"] == namespace["summary"]["best_metric"]  # the best checkpoint
   assert namespace["weights_npz"].is_file()
+
+
+def test_notebook_runs(sudoku_data, tmp_path, monkeypatch):
+  """notebooks/quickstart.ipynb, every code cell in order (shell and magic lines
+  left out: they install and start TensorBoard), on a tiny model and dataset."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  notebook = json.loads((shared_paths.REPO_ROOT / "notebooks" / "quickstart.ipynb").read_text())
+  cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+  assert cells
+  tiny = tiny_config(sudoku_data, eval_interval=2)
+  monkeypatch.setattr(quickstart, "get_config", lambda arg=None: tiny)
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  for i, source in enumerate(cells):
+    python = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    exec(compile(python, f"quickstart.ipynb[code cell {i}]", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["summary"]["end_step"] == namespace["summary"]["total_steps"]
+  image = namespace["panel"]
+  assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > image.shape[1] / 4
+  assert namespace["results"]["all/exact_accuracy"] == namespace["summary"]["best_metric"]
+  assert namespace["weights_npz"].is_file()
+  assert (tmp_path / "runs" / "notebook" / "tensorboard").is_dir()
