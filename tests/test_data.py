@@ -7,6 +7,7 @@ import pytest
 
 from data_prep import common
 from trm_jax import data
+from trm_jax import sampler
 
 SEQ_LEN = 6
 VOCAB = 200
@@ -105,7 +106,7 @@ def _reference_train_batches(written, set_order, *, seed, epochs_per_iter, globa
         if current < global_batch_size:
           dropped.append(current)
           break
-        keys = np.random.default_rng([seed, iters, b, data._EXAMPLE_CHOICE_TAG]).random(sum(e[1] for e in entries))
+        keys = np.random.default_rng([seed, iters, b, sampler.EXAMPLE_CHOICE_TAG]).random(sum(e[1] for e in entries))
         rows, puzzles, offset = [], [], 0
         for puzzle, size, take in entries:
           chosen = np.argsort(keys[offset:offset + size], kind="stable")[:take]
@@ -128,26 +129,6 @@ def _assert_batches_equal(got, want):
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
-
-
-# ---------------------------------------------------------------------------
-# The vectorised replay of Generator.integers.
-
-
-def test_sequential_integers_equals_numpy_calls():
-  assert data._fast_integers_match_numpy()
-  check = np.random.default_rng(5)
-  spans = check.choice([1, 2, 3, 1000, 2**31 + 7, 2**32 - 2], size=3000, p=[.3, .1, .1, .3, .1, .1])
-  low = check.integers(0, 10**6, spans.size)
-  for seed in range(3):
-    a = np.random.Generator(np.random.Philox(seed=seed))
-    b = np.random.Generator(np.random.Philox(seed=seed))
-    for g in (a, b):
-      g.permutation(5 + seed)  # Leaves a buffered 32-bit half for some seeds.
-    want = [a.integers(lo, lo + s) for lo, s in zip(low.tolist(), spans.tolist())]
-    got = data._sequential_integers(b, low, low + spans)
-    np.testing.assert_array_equal(got, want)
-    assert str(a.bit_generator.state) == str(b.bit_generator.state)
 
 
 # ---------------------------------------------------------------------------
