@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -49,6 +50,10 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    # Orbax and absl log hundreds of INFO lines per run; the progress lines are
+    # printed, not logged. --verbosity=0 (or 1) shows the logs again.
+    logging.set_verbosity(logging.WARNING)
   from trm_jax import train  # pylint: disable=g-import-not-at-top
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:

@@ -263,6 +263,8 @@ def test_sigterm_saves_a_checkpoint(sudoku_data, tmp_path):
   out = "".join(lines) + proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out
   assert "stopped by SIGTERM" in out
+  # Quiet by default: the progress lines only, no absl/Orbax INFO log lines.
+  assert not [l for l in out.splitlines() if re.match(r"I\d{4} ", l)], out
   step = checkpoint_lib.Checkpointer(tmp_path, async_save=False).latest_step()
   assert step is not None and step >= 3
   # No temporary (half-written) checkpoint directories are left behind.

@@ -131,16 +131,26 @@ class Monitor:
     self._start_step: int | None = None
     self._start_time: float | None = None
 
-  def rate(self, step: int) -> float:
-    """Steps per second since the previous call (0 for the first)."""
+  def rate(self, step: int) -> float | None:
+    """Steps per second since the previous call or evaluation; None for the
+    first call (its steps include compilation: no rate to show yet)."""
     now = time.perf_counter()
     if self._last_time is None:
       self._start_time, self._start_step = now, step
-      rate = 0.0
+      rate = None
     else:
       rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, step
     return rate
+
+  def resume(self, step: int) -> None:
+    """Training resumes at ``step`` after an evaluation or a save: the next rate
+    counts from now, and the ETA leaves the pause out."""
+    if self._last_time is not None:
+      now = time.perf_counter()
+      if self._start_time is not None:
+        self._start_time += now - self._last_time
+      self._last_time, self._last_step = now, step
 
   def eta(self, step: int) -> str:
     if self._start_time is None or step <= self._start_step:
@@ -160,12 +170,13 @@ class Monitor:
                      ("lr", ".2e")):
       if key in metrics:
         fields.append(f"{key} {metrics[key]:{fmt}}")
-    fields.append(f"{rate:.2f} steps/s, ETA {self.eta(step)}")
+    if rate is not None:
+      fields.append(f"{rate:.2f} steps/s, ETA {self.eta(step)}")
     print(" | ".join(fields), file=self.stream, flush=True)
     if self.writer is not None:
       for k, v in metrics.items():
         self.writer.add_scalar(f"train/{k}", v, step)
-      if rate > 0:
+      if rate is not None:
         self.writer.add_scalar("train/steps_per_second", rate, step)
       self.writer.flush()
 

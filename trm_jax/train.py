@@ -481,6 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             evaluate_and_save()
           else:
             save()
+          monitor.resume(step)
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           flush_window()
           save()
