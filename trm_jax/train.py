@@ -17,6 +17,7 @@ naming the step, without saving: the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -414,12 +415,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   step = int(jax.device_get(state.step))
   stop_at = run.total_steps if not config.max_steps else min(run.total_steps, config.max_steps)
+  already_complete = latest is not None and meta["iteration"] >= run.total_iters
   summary: dict[str, Any] = {"start_step": step, "total_steps": run.total_steps, "stopped_by": None,
                              "last_eval": None}
-  if is_main:
+  if already_complete and meta.get("evaluated_step") is not None:
+    summary["last_eval"] = _read_results(run.workdir / "eval" / f"step_{meta['evaluated_step']}")
+  if is_main and not already_complete:
+    # Pass lengths vary with the puzzles each pass picks, so the step count is the
+    # schedule's estimate (total_steps, SPEC §6); the run ends after its passes.
     monitor.print(f"trm-jax: {run.model.L_layers}-layer TRM (D={run.model.hidden_size}), "
                   f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M dense params, "
-                  f"{run.mesh.size} device(s) {dict(run.mesh.shape)}, {run.total_steps} steps"
+                  f"{run.mesh.size} device(s) {dict(run.mesh.shape)}, {run.total_iters} pass(es) of "
+                  f"{config.eval_interval} epochs, about {run.total_steps} steps"
                   + (f", resuming at step {step}" if latest is not None else ""))
 
   def save(best: bool = False):
@@ -427,27 +434,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer.save(step, state, carry, data_state, {**meta, "config": config_dict, "step": step},
                       evaluators=[ev.state() for ev in evaluators], best=best)
 
-  window: list[Mapping[str, jax.Array]] = []
+  window: list[Mapping[str, jax.Array]] = []  # device metrics of the steps not logged yet
   window_start = step
+  host_window: list[Mapping[str, Any]] = []  # the first len(host_window) of them, fetched and checked
 
-  def flush_window():
-    """Metrics leave the device here only: check every step's loss, log the window's mean."""
-    nonlocal window, window_start
-    if not window:
-      return
-    values = jax.device_get(window)
-    for i, m in enumerate(values):
+  def check_window():
+    """Metrics leave the device here only: every step's loss is checked before a save."""
+    fetched = jax.device_get(window[len(host_window):])
+    for i, m in enumerate(fetched):
       loss = float(m["lm_loss"]) + float(m["q_halt_loss"]) + float(m.get("q_continue_loss", 0.0))
       if not math.isfinite(loss):
-        raise NonFiniteLossError(f"non-finite loss {loss} at step {window_start + i + 1}; the latest "
-                                 f"checkpoint ({checkpointer.latest_step()}) is the last good state")
-    summed = steps.sum_metrics(None, {k: v for k, v in values[0].items()})
-    for m in values[1:]:
+        raise NonFiniteLossError(f"non-finite loss {loss} at step {window_start + len(host_window) + i + 1}; "
+                                 f"the latest checkpoint ({checkpointer.latest_step()}) is the last good state")
+    host_window.extend(fetched)
+
+  def flush_window():
+    """Checks, then logs the mean of the window's steps (one progress line)."""
+    nonlocal window, window_start, host_window
+    if not window:
+      return
+    check_window()
+    summed = None
+    for m in host_window:
       summed = steps.sum_metrics(summed, m)
-    reported = steps.train_metrics_to_host(summed, config.global_batch_size * len(values))
-    reported.update(lr=float(values[-1]["lr"]), puzzle_emb_lr=float(values[-1]["puzzle_emb_lr"]))
-    monitor.log_train(window_start + len(values), reported)
-    window, window_start = [], window_start + len(values)
+    reported = steps.train_metrics_to_host(summed, config.global_batch_size * len(host_window))
+    reported.update(lr=float(host_window[-1]["lr"]), puzzle_emb_lr=float(host_window[-1]["puzzle_emb_lr"]))
+    monitor.log_train(window_start + len(host_window), reported)
+    window, window_start, host_window = [], window_start + len(host_window), []
 
   def evaluate_and_save():
     results = run_evaluation(run, eval_fn, state_lib.eval_params(state), state.puzzle_emb, evaluators,
@@ -472,18 +485,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                            sharding.global_batch(local, run.mesh, config.global_batch_size))
         step += 1
         window.append(metrics)
-        if step % config.log_every_steps == 0:
+        if len(window) >= config.log_every_steps:
           flush_window()
         if pass_done:
           meta["iteration"] += 1
-          flush_window()
+          if meta["iteration"] >= run.total_iters or step >= stop_at:
+            flush_window()  # the last line comes before the final evaluation's
+          else:
+            # Checked, not logged: a line right after the evaluation would cover a few steps only.
+            check_window()
           if meta["iteration"] > config.min_eval_interval or meta["iteration"] == run.total_iters:
             evaluate_and_save()
           else:
             save()
           monitor.resume(step)
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-          flush_window()
+          check_window()
           save()
         if stop.requested(step, every=config.log_every_steps):
           flush_window()
@@ -508,7 +525,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer.close()
     monitor.close()
   summary.update(end_step=step, best_metric=meta["best_metric"], best_step=meta["best_step"])
+  if is_main:
+    monitor.print(_closing_line(run, summary, config.best_metric, already_complete=already_complete))
   return summary
+
+
+def _closing_line(run: Run, summary: Mapping[str, Any], best_metric: str, *, already_complete: bool) -> str:
+  """What a finished (or stopped) run ends with: where it stands and where its files are."""
+  if already_complete:
+    head = f"the run in {run.workdir} is already complete (step {summary['end_step']}); nothing to do"
+  elif summary["stopped_by"]:
+    head = f"stopped at step {summary['end_step']}; re-run the same command to resume"
+  else:
+    head = f"done: step {summary['end_step']}"
+  parts = [head]
+  if summary.get("last_eval"):
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["last_eval"].items()
+                      if isinstance(v, (int, float)) and not k.endswith("/count"))
+    parts.append(f"final eval: {shown}")
+  if summary.get("best_step") is not None:
+    parts.append(f"best checkpoint: step {summary['best_step']} ({best_metric} {summary['best_metric']:.4f}) "
+                 f"in {run.workdir / 'best'}")
+  parts.append(f"run directory: {run.workdir}")
+  return "\n".join(parts)
+
+
+def _read_results(directory: pathlib.Path) -> dict[str, float] | None:
+  """The ``results.json`` an evaluation wrote, or None."""
+  try:
+    return json.loads((directory / "results.json").read_text())
+  except (OSError, ValueError):
+    return None
 
 
 def _write_results(directory: pathlib.Path, results: Mapping[str, float]) -> None:
