@@ -10,6 +10,7 @@ r"""Trains, evaluates or predicts with TRM.
 Re-running a train command with the same --workdir resumes the run.
 """
 
+import os
 import sys
 
 from absl import app
@@ -17,10 +18,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+# Config paths are found from the working directory first, then from this
+# checkout, so that `python path/to/launch.py` works from any directory.
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", "configs/quickstart.py", "Config file, optionally with a variant: configs/x.py[:arg].",
-    lock_config=True)
+    "config", os.path.join(HERE, "configs", "quickstart.py"),
+    "Config file, optionally with a variant: configs/x.py[:arg] (relative to the working directory or to "
+    "this checkout).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, outputs). "
                     "Default: runs/<config name>[_<variant>].")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
@@ -73,5 +79,22 @@ def main(argv):
     sys.exit(2)
 
 
+def resolve_config_paths(argv: list[str]) -> list[str]:
+  """``--config=configs/x.py[:arg]``: a path missing from the working directory
+  is taken from this checkout when it exists there."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg == "--config" and i + 1 < len(out):
+      i, value, prefix = i + 1, out[i + 1], ""
+    elif arg.startswith("--config="):
+      value, prefix = arg[len("--config="):], "--config="
+    else:
+      continue
+    path, sep, variant = value.partition(":")
+    if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(HERE, path)):
+      out[i] = prefix + os.path.join(HERE, path) + sep + variant
+  return out
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=resolve_config_paths(sys.argv))

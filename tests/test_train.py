@@ -250,9 +250,9 @@ def test_missing_and_malformed_dataset(tmp_path, sudoku_data):
 # The command line: launch.py in a subprocess.
 
 
-def launch(args, **kw):
+def launch(args, cwd=REPO, **kw):
   env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env,
+  return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -288,8 +288,9 @@ def test_sigterm_saves_a_checkpoint(sudoku_data, tmp_path):
 
 
 def test_user_error_is_one_line(tmp_path):
+  # From another directory: the config path is found in the checkout.
   proc = launch(["--config=configs/quickstart.py", f"--config.data_path={tmp_path / 'absent'}",
-                 "--config.data_build=", f"--workdir={tmp_path / 'run'}"])
+                 "--config.data_build=", f"--workdir={tmp_path / 'run'}"], cwd=tmp_path)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 2
   errors = [l for l in out.splitlines() if l.startswith("error:")]
