@@ -9,6 +9,7 @@ SHARED_DIR = pathlib.Path(os.environ.get("TRM_SHARED_DIR", REPO_ROOT.parent / "s
 GOLDEN_DIR = SHARED_DIR / "golden"
 DATA_DIR = SHARED_DIR / "data"
 
+# TRM's cases and one file per other architecture of the original (arch_*.npz).
 MODEL_GOLDEN_FILES = sorted(
-    p for p in GOLDEN_DIR.glob("trm_*.npz")
+    p for pattern in ("trm_*.npz", "arch_*.npz") for p in GOLDEN_DIR.glob(pattern)
 ) if GOLDEN_DIR.is_dir() else []
