@@ -1,7 +1,8 @@
 """ARC-AGI (SPEC §10): attention + RoPE, 4 GPUs in the paper.
 
 Variants: ``configs/arc.py:arc1`` (default; ARC-AGI-1 data) and
-``configs/arc.py:arc2`` (ARC-AGI-2 data).
+``configs/arc.py:arc2`` (ARC-AGI-2 data); another architecture with its paper
+settings: ``configs/arc.py:arc1,hrm``.
 """
 
 from configs import default
@@ -10,9 +11,7 @@ DATA_PATHS = {"arc1": "data/arc1concept-aug-1000", "arc2": "data/arc2concept-aug
 
 
 def get_config(arg: str | None = None):
-  arg = arg or "arc1"
-  if arg not in DATA_PATHS:
-    raise ValueError(f"configs/arc.py: unknown variant {arg!r}; expected one of {sorted(DATA_PATHS)}")
+  arg, arch = default.parse_variant(arg, "configs/arc.py", tuple(sorted(DATA_PATHS)), "arc1")
   c = default.get_config()
   c.data_path = DATA_PATHS[arg]
   c.epochs = 100000
@@ -31,5 +30,6 @@ def get_config(arg: str | None = None):
   c.model.remat = "network"
   c.evaluators = "arc"
   c.best_metric = "ARC/pass@2"
+  default.apply_arch(c, arch)
   c.lock()
   return c

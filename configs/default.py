@@ -9,8 +9,39 @@ fails, naming the key.
 import ml_collections
 
 
+def parse_variant(arg: str | None, path: str, variants: tuple[str, ...] = (), default: str | None = None
+                  ) -> tuple[str | None, str | None]:
+  """A config file's ``:<variant>[,<arch>]`` (either part optional, any order) -> ``(variant, arch)``.
+
+  ``arch`` is any registered architecture (``trm_jax.models``); the file
+  then applies its paper settings with ``apply_arch``.
+  """
+  from trm_jax import models  # pylint: disable=g-import-not-at-top
+  tokens = [t for t in (arg or "").split(",") if t]
+  archs = [t for t in tokens if t in models.ARCHITECTURES]
+  rest = [t for t in tokens if t not in models.ARCHITECTURES]
+  if len(archs) > 1 or len(rest) > 1 or (rest and rest[0] not in variants):
+    expected = f"one of {variants} and/or " if variants else ""
+    raise ValueError(f"{path}: unknown variant {arg!r}; expected {expected}an architecture, one of "
+                     f"{tuple(models.ARCHITECTURES)} (e.g. {path}:{','.join(variants[:1] + ('hrm',))})")
+  return (rest[0] if rest else default), (archs[0] if archs else None)
+
+
+def apply_arch(c: ml_collections.ConfigDict, arch: str | None, *, skip: tuple[str, ...] = ()) -> None:
+  """Sets ``model.arch`` and the model fields its original config (``config/arch/<arch>.yaml``)
+  sets differently from TRM's, except those in ``skip``."""
+  if arch is None:
+    return
+  from trm_jax import models  # pylint: disable=g-import-not-at-top
+  with c.unlocked():
+    c.model.arch = arch
+    for key, value in models.get(arch).paper_settings.items():
+      if key not in skip:
+        setattr(c.model, key, value)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # no variants
+  _, arch = parse_variant(arg, "configs/default.py")
   c = ml_collections.ConfigDict()
 
   # --- Data.
@@ -46,22 +77,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- Model (SPEC §1–§4; names as the original's arch config).
   m = c.model = ml_collections.ConfigDict()
+  # The model (trm_jax.models): "trm", "trm_singlez", "trm_hier6", "hrm" or
+  # "transformers_baseline" (SPEC §11); a config file's ":<arch>" also applies its paper settings.
+  m.arch = "trm"
   m.hidden_size = 512  # D
-  m.num_heads = 8  # attention heads (hidden_size must divide by it)
+  m.num_heads = 8  # attention heads; head dim hidden_size // num_heads (inner width num_heads * head dim)
   m.expansion = 4.0  # SwiGLU width factor
-  m.L_layers = 2  # blocks in the one network f
-  m.H_layers = 0  # unused by TRM; kept for parity with the original's configs
-  m.H_cycles = 3  # answer updates per supervision step (all but the last without gradient)
+  m.L_layers = 2  # blocks of L_level (TRM's one network f)
+  m.H_layers = 0  # blocks of H_level (hrm, transformers_baseline; unused by the TRM family)
+  m.H_cycles = 3  # answer updates per supervision step (all but the last without gradient; baseline: unused)
   m.L_cycles = 6  # latent updates per answer update
   m.pos_encodings = "rope"  # "rope", "learned" or "none"
   m.rope_theta = 10000.0  # RoPE base
   m.rms_norm_eps = 1e-5  # RMSNorm epsilon
   m.puzzle_emb_ndim = m.get_ref("hidden_size")  # width of the puzzle embedding (0: none)
-  m.puzzle_emb_len = 16  # prefix positions for it (0: ceil(puzzle_emb_ndim / hidden_size))
+  m.puzzle_emb_len = 16  # prefix positions for it (0: ceil(puzzle_emb_ndim / hidden_size); hrm and the baseline always use that)
   m.mlp_t = False  # mix positions with an MLP instead of attention (Sudoku)
   m.halt_max_steps = 16  # supervision steps per sample at most
   m.halt_exploration_prob = 0.1  # chance of a random minimum number of steps in training
-  m.no_ACT_continue = True  # halt on q_halt > 0 only (no Q-learning continue target)
+  m.no_ACT_continue = True  # TRM family: halt on q_halt > 0 only (False: on q_halt > q_continue, and learn
+  # q_continue's target); hrm and the baseline always halt on q_halt > q_continue (SPEC §11)
   m.forward_dtype = "bfloat16"  # "bfloat16" or "float32" activations and carry
   m.loss_type = "stablemax_cross_entropy"  # or "softmax_cross_entropy"
   m.kernels = "xla"  # hot-path ops: "xla" or "pallas" (kernels/)
@@ -88,5 +123,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Devices (trm_jax.sharding).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the remaining devices
   c.param_sharding = "replicated"  # dense params: "replicated", "fsdp" or "fsdp_model"
+  apply_arch(c, arch)
   c.lock()
   return c

@@ -1,11 +1,14 @@
-"""Maze-Hard 1k (SPEC §10): attention + RoPE, 4 GPUs in the paper."""
+"""Maze-Hard 1k (SPEC §10): attention + RoPE, 4 GPUs in the paper.
+
+Another architecture with its paper settings: ``configs/maze.py:hrm`` (any of
+``trm_jax.models.ARCHITECTURES``).
+"""
 
 from configs import default
 
 
 def get_config(arg: str | None = None):
-  if arg:
-    raise ValueError(f"configs/maze.py takes no variant, got {arg!r}")
+  _, arch = default.parse_variant(arg, "configs/maze.py")
   c = default.get_config()
   c.data_path = "data/maze-30x30-hard-1k"
   c.epochs = 50000
@@ -19,5 +22,6 @@ def get_config(arg: str | None = None):
   c.model.remat = "network"  # same shapes as ARC: see configs/arc.py for why
   c.evaluators = "maze"
   c.best_metric = "all/exact_accuracy"
+  default.apply_arch(c, arch)
   c.lock()
   return c

@@ -4,7 +4,10 @@ The first run builds its dataset (a few seconds): generated sudokus with many
 givens, a few hundred train puzzles x augmentations and a held-out test set
 with no puzzle equivalent to a train puzzle. Variants:
 ``configs/quickstart.py:sudoku`` (default) and ``configs/quickstart.py:maze``
-(10x10 mazes).
+(10x10 mazes); add an architecture with ``,<arch>``, e.g.
+``configs/quickstart.py:maze,hrm`` (its paper's layers and cycles at this width;
+``transformers_baseline`` needs attention: the ``maze`` variant, or
+``--config.model.mlp_t=False --config.model.pos_encodings=rope``).
 """
 
 import ml_collections
@@ -13,9 +16,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  arg = arg or "sudoku"
-  if arg not in ("sudoku", "maze"):
-    raise ValueError(f"configs/quickstart.py: unknown variant {arg!r}; expected 'sudoku' or 'maze'")
+  arg, arch = default.parse_variant(arg, "configs/quickstart.py", ("sudoku", "maze"), "sudoku")
   c = default.get_config()
   with c.unlocked():
     if arg == "sudoku":
@@ -53,5 +54,7 @@ def get_config(arg: str | None = None):
     m.pos_encodings = "none"
   else:
     c.evaluators = "maze"
+  # Another architecture: its paper's layers and cycles at the quickstart's width.
+  default.apply_arch(c, arch, skip=("hidden_size", "num_heads"))
   c.lock()
   return c

@@ -2,15 +2,15 @@
 
 Variants: ``configs/sudoku.py:mlp`` (default; mlp_t, no position encoding,
 87.4% in the paper) and ``configs/sudoku.py:att`` (attention + RoPE, 74.7%).
+Another architecture with its paper settings: ``configs/sudoku.py:att,hrm``
+(``transformers_baseline`` needs ``att``: it has attention blocks only).
 """
 
 from configs import default
 
 
 def get_config(arg: str | None = None):
-  arg = arg or "mlp"
-  if arg not in ("mlp", "att"):
-    raise ValueError(f"configs/sudoku.py: unknown variant {arg!r}; expected 'mlp' or 'att'")
+  arg, arch = default.parse_variant(arg, "configs/sudoku.py", ("mlp", "att"), "mlp")
   c = default.get_config()
   c.data_path = "data/sudoku-extreme-1k-aug-1000"
   c.epochs = 50000
@@ -24,5 +24,6 @@ def get_config(arg: str | None = None):
   if arg == "mlp":
     c.model.mlp_t = True
     c.model.pos_encodings = "none"
+  default.apply_arch(c, arch)
   c.lock()
   return c

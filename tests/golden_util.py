@@ -68,8 +68,8 @@ def make_model_file(path, config: trm.TRMConfig, batch_size: int, seed: int = 0,
       record(g, carry, loss, metrics, outputs)
       out[g + "logits"] = np.asarray(outputs["logits"])
       out[g + "q_continue_logits"] = np.asarray(outputs["q_continue_logits"])
-      out[g + "z_H"] = np.asarray(carry.z_H)
-      out[g + "z_L"] = np.asarray(carry.z_L)
+      for name, z in carry.latents.items():
+        out[g + name] = np.asarray(z)
 
     carry = act.reset_carry(config, params, act.initial_carry(config, batch), batch)
     rows = losses.gather_puzzle_rows(config, table, carry)

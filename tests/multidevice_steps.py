@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in a subprocess with 8 CPU devices.
 
 Trains a tiny model a few steps on one device and on several meshes of the
-8 devices, and prints the largest differences as JSON.
+8 devices, and prints the largest differences as JSON. An optional argument
+names the architecture (default ``trm``).
 """
 
 import json
@@ -18,13 +19,14 @@ from trm_jax import act
 from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
+from trm_jax import models
 from trm_jax import steps
-from trm_jax.models import trm
 
 B = 16
-MODEL = trm.TRMConfig(seq_len=8, vocab_size=6, num_puzzle_identifiers=37, hidden_size=32, num_heads=4, expansion=2.0,
-                      L_layers=1, H_cycles=2, L_cycles=2, puzzle_emb_ndim=32, puzzle_emb_len=1, halt_max_steps=3,
-                      forward_dtype="float32", halt_exploration_prob=0.5)
+MODEL = models.config_from_dict(dict(
+    arch=sys.argv[1] if len(sys.argv) > 1 else "trm", seq_len=8, vocab_size=6, num_puzzle_identifiers=37,
+    hidden_size=32, num_heads=4, expansion=2.0, L_layers=1, H_layers=1, H_cycles=2, L_cycles=2, puzzle_emb_ndim=32,
+    puzzle_emb_len=1, halt_max_steps=3, forward_dtype="float32", halt_exploration_prob=0.5))
 OPT = optim.make_optimizers(lr=3e-3, weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, beta1=0.9,
                             beta2=0.95, warmup_steps=2, total_steps=100, lr_min_ratio=0.5,
                             trainable_mask=state_lib.trainable_mask)

@@ -8,5 +8,5 @@ DATA_DIR = REPO_ROOT / "data_prep" / "raw"
 # Numbers recorded from the original code (see golden/README.md there).
 GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
 
-MODEL_GOLDEN_FILES = sorted(GOLDEN_DIR.glob("trm_*.npz"))
-
+# TRM's cases and one file per other architecture of the original (arch_*.npz).
+MODEL_GOLDEN_FILES = sorted(p for pattern in ("trm_*.npz", "arch_*.npz") for p in GOLDEN_DIR.glob(pattern))

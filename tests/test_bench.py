@@ -35,7 +35,7 @@ def test_flops_formula():
                         L_layers=2, H_cycles=3, L_cycles=4, puzzle_emb_len=16)
   b, length, d, inter = 1, 916, 512, 1536
   per_layer = 2 * length * d * 3 * d + 2 * length * d * d + 4 * length * length * d + 2 * length * d * 3 * inter
-  assert bench.f_flops(model, b) == 2 * per_layer
+  assert bench.block_flops(model, b) == per_layer
   flops = bench.step_flops(model, b)
   heads = 2 * 900 * 512 * 12 + 2 * 512 * 2
   assert flops["eval_call"] == 3 * 5 * 2 * per_layer + heads

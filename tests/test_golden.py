@@ -14,9 +14,12 @@ def test_model_matches_original(path):
   report = golden.check_file(path)
   assert report.ok, report.line(path.name)
   # Every kind of check ran: eval trajectory, train0 with gradients, train
-  # trajectory, and the bfloat16 drift bound.
-  for quantity in ("eval.logits", "eval.q", "eval.carry", "eval.loss", "train0.loss", "grad",
-                   "grad.puzzle_emb", "traj.q", "traj.loss", "bf16.logits"):
+  # trajectory, and the bfloat16 drift bound (the files that record it).
+  quantities = ["eval.logits", "eval.q", "eval.carry", "eval.loss", "train0.loss", "grad", "grad.puzzle_emb",
+                "traj.q", "traj.loss"]
+  if "eval_bf16/0/logits" in golden.GoldenFile(path):
+    quantities.append("bf16.logits")
+  for quantity in quantities:
     assert quantity in report.errors, quantity
 
 
@@ -30,7 +33,8 @@ def test_model_with_pallas_kernels_matches_original(path):
 
 def test_shared_model_files_present():
   names = {p.name for p in shared_paths.MODEL_GOLDEN_FILES}
-  assert {"trm_attn_rope.npz", "trm_mlp_t.npz", "trm_attn_learned.npz"} <= names
+  assert {"trm_attn_rope.npz", "trm_mlp_t.npz", "trm_attn_learned.npz", "arch_trm_singlez.npz",
+          "arch_trm_hier6.npz", "arch_hrm.npz", "arch_transformers_baseline.npz"} <= names
 
 
 def test_adam_atan2_file(capsys):

@@ -37,7 +37,8 @@ def tiny_batch(config, batch_size=4, seed=0):
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (dict(hidden_size=30, num_heads=4), "hidden_size"),
+    (dict(hidden_size=30, num_heads=4), "hidden_size"),  # head dim 7: odd, no RoPE
+    (dict(hidden_size=32, num_heads=40), "num_heads"),
     (dict(pos_encodings="alibi"), "pos_encodings"),
     (dict(puzzle_emb_ndim=100, puzzle_emb_len=2), "puzzle_emb_ndim"),
     (dict(forward_dtype="float16"), "forward_dtype"),
@@ -129,7 +130,7 @@ def test_bfloat16_dtypes():
   batch = tiny_batch(config)
   carry, loss, metrics, outputs = jitted_call(config, False)(params, trm.init_puzzle_emb(config),
                                                              act.initial_carry(config, batch), batch)
-  assert carry.z_H.dtype == jnp.bfloat16 and carry.z_L.dtype == jnp.bfloat16
+  assert carry.latents["z_H"].dtype == jnp.bfloat16 and carry.latents["z_L"].dtype == jnp.bfloat16
   assert outputs["logits"].dtype == jnp.bfloat16
   assert outputs["q_halt_logits"].dtype == jnp.float32
   assert loss.dtype == losses.loss_dtype()
@@ -172,14 +173,15 @@ def test_reset_replaces_only_halted_rows():
   carry = act.initial_carry(config, old)
   carry = act.reset_carry(config, params, carry, old)
   carry = carry.replace(halted=jnp.array([True, False, True, False]), steps=jnp.array([3, 2, 1, 1]),
-                        z_H=carry.z_H + 1.0)
+                        latents=dict(carry.latents, z_H=carry.latents["z_H"] + 1.0))
   reset = act.reset_carry(config, params, carry, new)
   keep = np.array([False, True, False, True])
   np.testing.assert_array_equal(reset.current_data["inputs"][keep], old["inputs"][keep])
   np.testing.assert_array_equal(reset.current_data["inputs"][~keep], new["inputs"][~keep])
   np.testing.assert_array_equal(reset.steps, [0, 2, 0, 1])
-  np.testing.assert_allclose(reset.z_H[0], jnp.broadcast_to(params["H_init"], reset.z_H[0].shape))
-  np.testing.assert_allclose(reset.z_H[1], carry.z_H[1])
+  z_H, old_z_H = reset.latents["z_H"], carry.latents["z_H"]
+  np.testing.assert_allclose(z_H[0], jnp.broadcast_to(params["H_init"], z_H[0].shape))
+  np.testing.assert_allclose(z_H[1], old_z_H[1])
 
 
 def test_gradients_only_through_last_cycle():
@@ -193,8 +195,8 @@ def test_gradients_only_through_last_cycle():
   assert np.any(grads["lm_head"])
 
   config = tiny(H_cycles=3)
-  z_grad = jax.jit(jax.grad(lambda z: trm.recursion(config, params, z, carry.z_L, batch["inputs"],
-                                                    jnp.ones((4, 32)))[1].sum()))(carry.z_H)
+  z_grad = jax.jit(jax.grad(lambda z: trm.recursion(config, params, dict(carry.latents, z_H=z), batch["inputs"],
+                                                    jnp.ones((4, 32)))[1].sum()))(carry.latents["z_H"])
   assert not np.any(z_grad)
 
 
@@ -211,7 +213,7 @@ def test_remat_changes_memory_not_numbers(kernels):
 
     def loss(p, rows, config=config, carry=carry):
       value, (new_carry, _, _) = losses.act_loss(config, p, rows, carry, train=False)
-      return value, new_carry.z_H
+      return value, new_carry.latents["z_H"]
     (value, z_H), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, rows)
     results[remat] = (value, z_H, grads)
   reference = results["none"]

@@ -70,6 +70,19 @@ def test_sharded_steps_match_single_device():
   assert results["data2_fsdp2_model2"]["qkv_shard_shapes"] == [[16, 48]]  # and model the outputs
 
 
+def test_sharded_hrm_steps_match_single_device():
+  """Another architecture through the same meshes: HRM's two levels, its halting on
+  q_halt > q_continue and its second (target) forward."""
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_steps.py"), "hrm"], env=_env(8),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name, r in results.items():
+    for key in ("params", "ema", "table", "metrics"):
+      assert r[key] <= TOL, (name, key, r[key])
+  assert results["data2_fsdp2_model2"]["qkv_shard_shapes"] == [[16, 48]]
+
+
 # ---------------------------------------------------------------------------
 # launch.py across processes and meshes, against one single-device run.
 

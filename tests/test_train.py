@@ -227,7 +227,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sudoku_data, tmp_p
     ({"global_batch_size": 10**6}, "global_batch_size"),
     ({"global_batch_size": 96, "epochs": 400, "eval_interval": 1}, "larger than one pass"),
     ({"mesh.data": 3}, "mesh"),
-    ({"model.num_heads": 5}, "hidden_size=32 is not divisible by num_heads=5"),
+    ({"model.num_heads": 64}, "num_heads=64 is larger than hidden_size=32"),
+    ({"model.arch": "hrn"}, r"config\.model\.arch='hrn': expected one of \('trm', 'trm_singlez', 'trm_hier6', 'hrm', "
+                            r"'transformers_baseline'\)"),
     ({"evaluators": "arc,sudoku"}, "unknown"),
 ])
 def test_bad_config_errors(sudoku_data, tmp_path, overrides, message):

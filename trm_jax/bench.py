@@ -45,43 +45,48 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def f_flops(model, batch: int) -> float:
-  """Forward matmul FLOPs of one application of the network f."""
+def block_flops(model, batch: int) -> float:
+  """Forward matmul FLOPs of one block (every level's blocks have the same shape)."""
   from trm_jax.models import layers  # pylint: disable=g-import-not-at-top
   length, dim = model.num_positions, model.hidden_size
   inter = layers.swiglu_intermediate_size(dim, model.expansion)
-  per_layer = 2 * batch * length * dim * 2 * inter + 2 * batch * length * inter * dim  # channel SwiGLU
+  flops = 2 * batch * length * dim * 2 * inter + 2 * batch * length * inter * dim  # channel SwiGLU
   if model.mlp_t:
     inter_t = layers.swiglu_intermediate_size(length, model.expansion)
-    per_layer += 2 * batch * dim * length * 2 * inter_t + 2 * batch * dim * inter_t * length
+    flops += 2 * batch * dim * length * 2 * inter_t + 2 * batch * dim * inter_t * length
   else:
-    per_layer += 2 * batch * length * dim * 3 * dim + 2 * batch * length * dim * dim  # qkv, o
-    per_layer += 2 * 2 * batch * length * length * dim  # scores and weighted sum
-  return model.L_layers * per_layer
+    attn = model.num_heads * model.head_dim  # the attention's inner width
+    flops += 2 * batch * length * dim * 3 * attn + 2 * batch * length * attn * dim  # qkv, o
+    flops += 2 * 2 * batch * length * length * attn  # scores and weighted sum
+  return flops
 
 
 def step_flops(model, batch: int) -> dict[str, float]:
-  """Analytic FLOPs of one ACT call: forward everywhere, backward through the last cycle.
+  """Analytic FLOPs of one ACT call: forward everywhere, backward through the graded blocks.
 
-  ``train`` counts the model's FLOPs (what MFU divides); ``train_recomputed``
-  what ``model.remat`` adds on top by recomputing the graded cycle's forward
-  (all of f for "network", the attention scores and weighted sum for
-  "attention"), for the hardware FLOP utilisation.
+  The architecture says how many blocks a step applies, and how many of them
+  with gradient (``block_calls``). ``train`` counts the model's FLOPs (what
+  MFU divides); ``train_recomputed`` what ``model.remat`` adds on top by
+  recomputing the graded blocks' forward (all of them for "network", the
+  attention scores and weighted sum for "attention"), for the hardware FLOP
+  utilisation.
   """
-  f = f_flops(model, batch)
-  graded_calls = model.L_cycles + 1
+  from trm_jax import models  # pylint: disable=g-import-not-at-top
+  arch = models.of(model)
+  block = block_flops(model, batch)
+  all_blocks, graded_blocks = arch.block_calls(model)
   heads = 2 * batch * model.seq_len * model.hidden_size * model.vocab_size + 2 * batch * model.hidden_size * 2
-  forward = model.H_cycles * (model.L_cycles + 1) * f + heads
-  backward = 2 * ((model.L_cycles + 1) * f + heads)
+  forward = all_blocks * block + heads
+  backward = 2 * (graded_blocks * block + heads)
   train = forward + backward
-  if not model.no_ACT_continue:
+  if arch.q_continue_target(model):
     train += forward  # the target's extra forward
   recomputed = 0
   if model.remat == "network":
-    recomputed = graded_calls * f
+    recomputed = graded_blocks * block
   elif model.remat == "attention" and not model.mlp_t:
     length = model.num_positions
-    recomputed = graded_calls * model.L_layers * 2 * 2 * batch * length * length * model.hidden_size
+    recomputed = graded_blocks * 2 * 2 * batch * length * length * model.num_heads * model.head_dim
   return {"train": float(train), "train_recomputed": float(recomputed), "eval_call": float(forward)}
 
 
@@ -266,7 +271,8 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "device": jax.devices()[0].device_kind, "num_devices": mesh.size, "mesh": dict(mesh.shape),
       "jax": jax.__version__, "kernels": model.kernels, "remat": model.remat,
       "forward_dtype": model.forward_dtype, "global_batch": global_batch, "seq_len": seq_len, "hidden_size": model.hidden_size,
-      "H_cycles": model.H_cycles, "L_cycles": model.L_cycles, "L_layers": model.L_layers, "mlp_t": model.mlp_t,
+      "arch": model.arch, "H_cycles": model.H_cycles, "L_cycles": model.L_cycles, "L_layers": model.L_layers,
+      "H_layers": model.H_layers, "mlp_t": model.mlp_t,
       "train_steps_per_s": 1.0 / train_time,
       "train_tokens_per_s": global_batch * seq_len / train_time,
       "train_flops_per_step": flops["train"],

@@ -26,8 +26,8 @@ ITEMS = ("state", "carry", "data", "meta", "evaluators")
 # Config keys that change the shapes or the structure of the saved state: a
 # checkpoint cannot continue under a config that differs in one of these.
 STRUCTURAL_KEYS = (
-    "model.hidden_size", "model.num_heads", "model.expansion", "model.L_layers", "model.mlp_t",
-    "model.pos_encodings", "model.puzzle_emb_ndim", "model.puzzle_emb_len", "model.forward_dtype",
+    "model.arch", "model.hidden_size", "model.num_heads", "model.expansion", "model.L_layers", "model.H_layers",
+    "model.mlp_t", "model.pos_encodings", "model.puzzle_emb_ndim", "model.puzzle_emb_len", "model.forward_dtype",
     "ema", "freeze_weights", "grad_clip_norm", "global_batch_size",
 )
 

@@ -4,7 +4,8 @@ r"""Checks this implementation against numbers from the original code.
 
 Any file of the golden format (``tests/golden/README.md``) works: model
 files (``config_json`` + ``param/*`` + eval/train/trajectory entries) for any
-configuration that format can express, ``adam_atan2``-style optimiser files
+configuration that format can express and any architecture (``"arch"`` in
+``config_json``, default ``trm``; the carry under the original's field names), ``adam_atan2``-style optimiser files
 (``hparams_json`` + ``param<t>``/``grad<t>``) and ``stablemax_ce``-style loss
 files. One line per file gives the worst relative error (max abs error / max
 abs value) per quantity; the exit status is non-zero when a tolerance is
@@ -27,9 +28,9 @@ import numpy as np
 
 from trm_jax import act
 from trm_jax import losses
+from trm_jax import models
 from trm_jax import optim
 from trm_jax import weights
-from trm_jax.models import trm
 
 # Tolerances of the golden README (relative: max abs error / max abs value).
 TOL_VALUES = 1e-4  # logits, q values, carry, losses, float metrics
@@ -125,7 +126,7 @@ class Report:
 # Model files.
 
 
-def _batch(golden: GoldenFile, prefix: str, config: trm.TRMConfig, batch_size: int) -> dict[str, jax.Array]:
+def _batch(golden: GoldenFile, prefix: str, config: models.ModelConfig, batch_size: int) -> dict[str, jax.Array]:
   s = config.seq_len
   return {
       "inputs": jnp.asarray(golden.get(f"{prefix}inputs", (batch_size, s)), jnp.int32),
@@ -150,7 +151,10 @@ def _check_metrics(report: Report, where: str, metrics: dict[str, Any], golden: 
 def check_model_file(golden: GoldenFile, kernels: str = "xla") -> Report:
   """Every check of a model golden file (see the module docstring)."""
   config_dict = json.loads(str(golden.get("config_json")))
-  config = trm.TRMConfig.from_dict({**config_dict, "kernels": kernels}, source=f"{golden.path.name}:config_json")
+  try:
+    config = models.config_from_dict({**config_dict, "kernels": kernels}, source=f"{golden.path.name}:config_json")
+  except ValueError as e:
+    raise GoldenFormatError(f"{golden.path.name}: config_json: {e}") from None
   if "batch_size" not in config_dict:
     raise GoldenFormatError(f"{golden.path.name}: config_json lacks 'batch_size'")
   batch_size = int(config_dict["batch_size"])
@@ -180,8 +184,8 @@ def check_model_file(golden: GoldenFile, kernels: str = "xla") -> Report:
       report.add("eval.q", relative_error(out["q_halt_logits"], golden.get(g + "q_halt_logits", (b,))), TOL_VALUES)
       report.add("eval.q", relative_error(out["q_continue_logits"], golden.get(g + "q_continue_logits", (b,))),
                  TOL_VALUES)
-      report.add("eval.carry", relative_error(carry.z_H, golden.get(g + "z_H", (b, sp, d))), TOL_VALUES)
-      report.add("eval.carry", relative_error(carry.z_L, golden.get(g + "z_L", (b, sp, d))), TOL_VALUES)
+      for name, z in carry.latents.items():  # under the original's field names
+        report.add("eval.carry", relative_error(z, golden.get(g + name, (b, sp, d))), TOL_VALUES)
       report.add("eval.loss", relative_error(loss, golden.get(g + "loss")), TOL_VALUES)
       report.exact(f"eval/{t}/halted", carry.halted, golden.get(g + "halted", (b,)))
       report.exact(f"eval/{t}/steps", carry.steps, golden.get(g + "steps", (b,)))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from trm_jax import act
-from trm_jax.models import trm
+from trm_jax import models
 
 IGNORE_LABEL = -100
 
@@ -63,7 +63,7 @@ def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> j
   return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def act_loss(config: trm.TRMConfig, params: Mapping[str, Any], puzzle_rows_BxE: jax.Array | None,
+def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_BxE: jax.Array | None,
              carry: act.Carry, *, train: bool, rng: jax.Array | None = None
              ) -> tuple[jax.Array, tuple[act.Carry, dict[str, jax.Array], dict[str, jax.Array]]]:
   """The ACT loss head on a reset carry: ``loss, (new_carry, metrics, outputs)``.
@@ -112,14 +112,14 @@ def act_loss(config: trm.TRMConfig, params: Mapping[str, Any], puzzle_rows_BxE: 
   return loss, (new_carry, metrics, outputs)
 
 
-def gather_puzzle_rows(config: trm.TRMConfig, puzzle_emb_NxE: jax.Array, carry: act.Carry) -> jax.Array | None:
+def gather_puzzle_rows(config: models.ModelConfig, puzzle_emb_NxE: jax.Array, carry: act.Carry) -> jax.Array | None:
   """The puzzle-embedding rows of the carry's current data, ``[B, puzzle_emb_ndim]``."""
   if not config.puzzle_emb_ndim:
     return None
   return jnp.take(puzzle_emb_NxE, carry.current_data["puzzle_identifiers"].astype(jnp.int32), axis=0)
 
 
-def act_call(config: trm.TRMConfig, params: Mapping[str, Any], puzzle_emb_NxE: jax.Array, carry: act.Carry,
+def act_call(config: models.ModelConfig, params: Mapping[str, Any], puzzle_emb_NxE: jax.Array, carry: act.Carry,
              batch: Mapping[str, jax.Array], *, train: bool, rng: jax.Array | None = None
              ) -> tuple[act.Carry, jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """One whole ACT call, as the original model's forward with its loss head:

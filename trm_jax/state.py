@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trm_jax import models
 from trm_jax import optim
-from trm_jax.models import trm
 
-# Dense parameters the optimiser never touches: the fixed initial states.
-FROZEN_PARAMS = ("H_init", "L_init")
+# Dense parameters the optimiser never touches: the fixed initial states of
+# every architecture (H_init, L_init, L1_init, ...).
+FROZEN_PARAMS = models.FROZEN_PARAMS
 
 
 @flax.struct.dataclass
@@ -37,7 +38,7 @@ def trainable_mask(params: Any) -> Any:
   return {k: (jax.tree.map(lambda _: k not in FROZEN_PARAMS, v)) for k, v in params.items()}
 
 
-def create_train_state(model: trm.TRMConfig, optimizers: optim.Optimizers, seed: int, *,
+def create_train_state(model: models.ModelConfig, optimizers: optim.Optimizers, seed: int, *,
                        ema: bool, puzzle_emb_rows: int | None = None) -> TrainState:
   """Initial state for ``seed`` (pure: jit it with ``out_shardings`` to build it sharded).
 
@@ -46,7 +47,7 @@ def create_train_state(model: trm.TRMConfig, optimizers: optim.Optimizers, seed:
   """
   rng = jax.random.PRNGKey(seed)
   init_rng, run_rng = jax.random.split(rng)
-  params = trm.init_params(model, init_rng)
+  params = models.of(model).init_params(model, init_rng)
   rows = model.num_puzzle_identifiers if puzzle_emb_rows is None else puzzle_emb_rows
   if rows < model.num_puzzle_identifiers:
     raise ValueError(f"puzzle_emb_rows={rows} < num_puzzle_identifiers={model.num_puzzle_identifiers}")

@@ -19,15 +19,15 @@ import optax
 
 from trm_jax import act
 from trm_jax import losses
+from trm_jax import models
 from trm_jax import optim
-from trm_jax.models import trm
 from trm_jax.state import TrainState
 
 COUNT_METRICS = ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
 LOSS_METRICS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
-def loss_and_grads(model: trm.TRMConfig, params: Any, puzzle_emb_NxE: jax.Array, carry: act.Carry,
+def loss_and_grads(model: models.ModelConfig, params: Any, puzzle_emb_NxE: jax.Array, carry: act.Carry,
                    batch: Mapping[str, jax.Array], rng: jax.Array, global_batch_size: int):
   """Reset, forward, and the gradients of ``loss / global_batch_size``.
 
@@ -49,7 +49,7 @@ def loss_and_grads(model: trm.TRMConfig, params: Any, puzzle_emb_NxE: jax.Array,
 
 
 def train_step(state: TrainState, carry: act.Carry, batch: Mapping[str, jax.Array], *,
-               model: trm.TRMConfig, optimizers: optim.Optimizers, global_batch_size: int,
+               model: models.ModelConfig, optimizers: optim.Optimizers, global_batch_size: int,
                ema_rate: float | None) -> tuple[TrainState, act.Carry, dict[str, jax.Array]]:
   """One ACT call and one update of both parameter groups (and the EMA)."""
   rng = jax.random.fold_in(state.rng, state.step)
@@ -70,7 +70,7 @@ def train_step(state: TrainState, carry: act.Carry, batch: Mapping[str, jax.Arra
   return new_state, new_carry, metrics
 
 
-def make_train_step(model: trm.TRMConfig, optimizers: optim.Optimizers, global_batch_size: int,
+def make_train_step(model: models.ModelConfig, optimizers: optim.Optimizers, global_batch_size: int,
                     ema_rate: float | None):
   """``train_step`` with its static settings bound (not jitted)."""
   return functools.partial(train_step, model=model, optimizers=optimizers,
@@ -93,7 +93,7 @@ def train_metrics_to_host(raw: Mapping[str, Any], global_batch_size: int) -> dic
 
 
 def eval_step(params: Any, puzzle_emb_NxE: jax.Array, batch: Mapping[str, jax.Array], *,
-              model: trm.TRMConfig) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+              model: models.ModelConfig) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """``halt_max_steps`` ACT calls on one batch from the initial carry (SPEC §4, §9).
 
   Returns ``(metrics, outputs)``: the raw metric sums of the last call (all

@@ -36,13 +36,13 @@ from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import data as data_lib
 from trm_jax import datasets
 from trm_jax import evaluate as evaluate_lib
+from trm_jax import models
 from trm_jax import monitor as monitor_lib
 from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
 from trm_jax import steps
 from trm_jax import weights
-from trm_jax.models import trm
 
 
 class UserError(Exception):
@@ -106,7 +106,7 @@ class Run:
   data_path: pathlib.Path
   train_info: data_common.SplitInfo | None
   test_info: data_common.SplitInfo | None
-  model: trm.TRMConfig
+  model: models.ModelConfig
   mesh: jax.sharding.Mesh
   optimizers: optim.Optimizers
   total_steps: int
@@ -114,13 +114,13 @@ class Run:
   eval_batch_size: int
 
 
-def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> trm.TRMConfig:
+def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
   """The model config: ``config.model`` plus the dataset's sizes."""
   fields = dict(config.model.to_dict())
   fields.update(seq_len=metadata.seq_len, vocab_size=metadata.vocab_size,
                 num_puzzle_identifiers=metadata.num_puzzle_identifiers)
   try:
-    return trm.TRMConfig.from_dict(fields)
+    return models.config_from_dict(fields)
   except ValueError as e:
     raise UserError(str(e).replace("model config: ", "config.model.")) from None
 
@@ -194,7 +194,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
 # State: created sharded, or restored onto this mesh.
 
 
-def _zeros_batch(model: trm.TRMConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+def _zeros_batch(model: models.ModelConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   return {"inputs": jnp.zeros((batch_size, model.seq_len), jnp.int32),
           "labels": jnp.zeros((batch_size, model.seq_len), jnp.int32),
           "puzzle_identifiers": jnp.zeros((batch_size,), jnp.int32)}
@@ -423,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if is_main and not already_complete:
     # Pass lengths vary with the puzzles each pass picks, so the step count is the
     # schedule's estimate (total_steps, SPEC §6); the run ends after its passes.
-    monitor.print(f"trm-jax: {run.model.L_layers}-layer TRM (D={run.model.hidden_size}), "
+    monitor.print(f"trm-jax: {run.model.arch} (D={run.model.hidden_size}), "
                   f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M dense params, "
                   f"{run.mesh.size} device(s) {dict(run.mesh.shape)}, {run.total_iters} pass(es) of "
                   f"{config.eval_interval} epochs, about {run.total_steps} steps"

@@ -15,55 +15,62 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from trm_jax import models
 from trm_jax.models import layers
-from trm_jax.models import trm
 
 PREFIX = "inner."
 PUZZLE_EMB_NAME = "inner.puzzle_emb.weights"
 
 
-def _linear_names(config: trm.TRMConfig) -> list[tuple[str, tuple[str, ...], tuple[int, int]]]:
+def _linear_names(config: models.ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[int, int]]]:
   """(original name, our path, our [in, out] shape) for every transposed weight."""
   d, v = config.hidden_size, config.vocab_size
   inter = layers.swiglu_intermediate_size(d, config.expansion)
+  attn = config.num_heads * config.head_dim  # the attention's inner width (< d when heads do not divide d)
   out = [("inner.lm_head.weight", ("lm_head",), (d, v)),
          ("inner.q_head.weight", ("q_head_kernel",), (d, 2))]
-  for i in range(config.L_layers):
-    orig = f"inner.L_level.layers.{i}"
-    ours = ("L_level", f"layers_{i}")
-    if config.mlp_t:
-      w = config.num_positions
-      inter_t = layers.swiglu_intermediate_size(w, config.expansion)
-      out += [(f"{orig}.mlp_t.gate_up_proj.weight", ours + ("mlp_t", "gate_up_proj"), (w, 2 * inter_t)),
-              (f"{orig}.mlp_t.down_proj.weight", ours + ("mlp_t", "down_proj"), (inter_t, w))]
-    else:
-      out += [(f"{orig}.self_attn.qkv_proj.weight", ours + ("self_attn", "qkv_proj"), (d, 3 * d)),
-              (f"{orig}.self_attn.o_proj.weight", ours + ("self_attn", "o_proj"), (d, d))]
-    out += [(f"{orig}.mlp.gate_up_proj.weight", ours + ("mlp", "gate_up_proj"), (d, 2 * inter)),
-            (f"{orig}.mlp.down_proj.weight", ours + ("mlp", "down_proj"), (inter, d))]
+  for level, layers_field in models.of(config).levels:
+    for i in range(getattr(config, layers_field)):
+      orig = f"inner.{level}.layers.{i}"
+      ours = (level, f"layers_{i}")
+      if config.mlp_t:
+        w = config.num_positions
+        inter_t = layers.swiglu_intermediate_size(w, config.expansion)
+        out += [(f"{orig}.mlp_t.gate_up_proj.weight", ours + ("mlp_t", "gate_up_proj"), (w, 2 * inter_t)),
+                (f"{orig}.mlp_t.down_proj.weight", ours + ("mlp_t", "down_proj"), (inter_t, w))]
+      else:
+        out += [(f"{orig}.self_attn.qkv_proj.weight", ours + ("self_attn", "qkv_proj"), (d, 3 * attn)),
+                (f"{orig}.self_attn.o_proj.weight", ours + ("self_attn", "o_proj"), (attn, d))]
+      out += [(f"{orig}.mlp.gate_up_proj.weight", ours + ("mlp", "gate_up_proj"), (d, 2 * inter)),
+              (f"{orig}.mlp.down_proj.weight", ours + ("mlp", "down_proj"), (inter, d))]
   return out
 
 
-def _plain_names(config: trm.TRMConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
+def _init_names(config: models.ModelConfig) -> list[str]:
+  """The original names of the fixed initial vectors (buffers there, frozen here)."""
+  return [PREFIX + init for init in models.of(config).init_names]
+
+
+def _plain_names(config: models.ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
   """(original name, our path, shape) for every weight stored the same way in both."""
   d = config.hidden_size
   out = [("inner.embed_tokens.embedding_weight", ("embed_tokens",), (config.vocab_size, d)),
-         ("inner.q_head.bias", ("q_head_bias",), (2,)),
-         ("inner.H_init", ("H_init",), (d,)),
-         ("inner.L_init", ("L_init",), (d,))]
+         ("inner.q_head.bias", ("q_head_bias",), (2,))]
+  out += [(name, (name[len(PREFIX):],), (d,)) for name in _init_names(config)]
   if config.pos_encodings == "learned":
     out.append(("inner.embed_pos.embedding_weight", ("embed_pos",), (config.num_positions, d)))
   return out
 
 
-def original_names(config: trm.TRMConfig) -> list[str]:
+def original_names(config: models.ModelConfig) -> list[str]:
   """Every dense weight name of the original for this config (not the puzzle table)."""
   return [n for n, _, _ in _plain_names(config)] + [n for n, _, _ in _linear_names(config)]
 
 
-def trainable_original_names(config: trm.TRMConfig) -> list[str]:
-  """The names the original's optimiser trains (its buffers H_init/L_init excluded)."""
-  return [n for n in original_names(config) if n not in ("inner.H_init", "inner.L_init")]
+def trainable_original_names(config: models.ModelConfig) -> list[str]:
+  """The names the original's optimiser trains (its buffers, the initial vectors, excluded)."""
+  frozen = set(_init_names(config))
+  return [n for n in original_names(config) if n not in frozen]
 
 
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -78,7 +85,7 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
   return tree
 
 
-def import_state_dict(config: trm.TRMConfig, state: Mapping[str, Any], *, source: str = "state dict"
+def import_state_dict(config: models.ModelConfig, state: Mapping[str, Any], *, source: str = "state dict"
                       ) -> tuple[dict[str, Any], np.ndarray]:
   """Original-named weights -> ``(params, puzzle_emb_table)`` as float32 numpy.
 
@@ -115,7 +122,7 @@ def import_state_dict(config: trm.TRMConfig, state: Mapping[str, Any], *, source
   return params, table
 
 
-def export_state_dict(config: trm.TRMConfig, params: Mapping[str, Any], puzzle_emb_table: Any | None
+def export_state_dict(config: models.ModelConfig, params: Mapping[str, Any], puzzle_emb_table: Any | None
                       ) -> dict[str, np.ndarray]:
   """``(params, puzzle_emb_table)`` -> original-named float32 numpy arrays."""
   state = {}

@@ -87,11 +87,14 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
     batch, seq, dim = h_BxSxD.shape
+    # As the original: head dim D // H, so the inner width H * hd may be less
+    # than D when H does not divide D (the baseline's 12 heads at 512: 504).
     head_dim = dim // self.num_heads
+    inner = self.num_heads * head_dim
     dtype = h_BxSxD.dtype
-    w_qkv_Dx3D = self.param("qkv_proj", lecun_trunc_normal(dim), (dim, 3 * dim))
-    w_o_DxD = self.param("o_proj", lecun_trunc_normal(dim), (dim, dim))
-    qkv = jnp.dot(h_BxSxD, w_qkv_Dx3D.astype(dtype)).reshape(batch, seq, 3 * self.num_heads, head_dim)
+    w_qkv_Dx3I = self.param("qkv_proj", lecun_trunc_normal(dim), (dim, 3 * inner))
+    w_o_IxD = self.param("o_proj", lecun_trunc_normal(inner), (inner, dim))
+    qkv = jnp.dot(h_BxSxD, w_qkv_Dx3I.astype(dtype)).reshape(batch, seq, 3 * self.num_heads, head_dim)
     q, k, v = jnp.split(qkv, 3, axis=2)  # each [B, S, H, K], in the original's order
     attention = functools.partial(ops.attention, impl=self.kernels)
     if self.remat:
@@ -99,7 +102,7 @@ class Attention(nn.Module):
       # the backward pass would keep; recomputing it keeps only q, k and v.
       attention = jax.checkpoint(attention)
     out_BxSxHxK = attention(q, k, v, cos_SxK, sin_SxK)
-    return jnp.dot(out_BxSxHxK.reshape(batch, seq, dim), w_o_DxD.astype(dtype))
+    return jnp.dot(out_BxSxHxK.reshape(batch, seq, inner), w_o_IxD.astype(dtype))
 
 
 class Block(nn.Module):
@@ -130,7 +133,10 @@ class Block(nn.Module):
 
 
 class ReasoningModule(nn.Module):
-  """``f(h, inj)``: ``h + inj`` through ``num_layers`` blocks (the original's ``L_level``)."""
+  """``f(h, inj)``: ``h + inj`` through ``num_layers`` blocks (the original's ``L_level``/``H_level``).
+
+  ``inj=None`` applies the blocks to ``h`` alone (TRM-singlez's answer update).
+  """
   num_layers: int
   hidden_size: int
   num_heads: int
@@ -142,9 +148,10 @@ class ReasoningModule(nn.Module):
   remat_attention: bool = False
 
   @nn.compact
-  def __call__(self, h_BxSxD: jax.Array, inj_BxSxD: jax.Array,
+  def __call__(self, h_BxSxD: jax.Array, inj_BxSxD: jax.Array | None,
                cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
-    h_BxSxD = h_BxSxD + inj_BxSxD
+    if inj_BxSxD is not None:
+      h_BxSxD = h_BxSxD + inj_BxSxD
     for i in range(self.num_layers):
       h_BxSxD = Block(self.hidden_size, self.num_heads, self.expansion, self.mlp_t, self.num_positions,
                       self.rms_norm_eps, self.kernels, self.remat_attention,
