@@ -136,6 +136,8 @@ class _Evil:
     (Call("torch", "load", "other.pt"), "torch.load"),
     (Call("torch._utils", "_rebuild_tensor_v2_evil"), "torch._utils._rebuild_tensor_v2_evil"),
     (Call("models.recursive_reasoning.trm", "TinyRecursiveReasoningModel_ACTV1"), "models.recursive_reasoning"),
+    ({"w": torch_zip_util.Tensor(torch_zip_util.Storage("0", "ComplexFloatStorage", 2, "cpu"), (2,))},
+     "torch.ComplexFloatStorage"),
 ])
 def test_hostile_pickles_are_refused_naming_the_global(tmp_path, payload, refused):
   path = tmp_path / "evil.pt"

@@ -5,7 +5,9 @@ The layout is the one torch 2.x writes (``<archive>/data.pkl``,
 the pickle names torch's globals (``torch._utils._rebuild_tensor_v2``,
 ``torch.FloatStorage``...) without importing them, so that tests can make
 state dicts of any config, and hostile pickles, where torch is not installed.
-Each array gets its own contiguous storage.
+Each array gets its own contiguous storage. torch 2.14.1's
+``torch.load(path, weights_only=True, map_location="cpu")`` reads what
+``write_state_dict`` writes, bfloat16 included (checked once by hand).
 """
 
 import collections

@@ -48,6 +48,9 @@ _STORAGE_DTYPES = {
     "BoolStorage": (np.bool_, False),
 }
 
+# What a tensor read here can be (bfloat16 became float32).
+_TENSOR_DTYPES = {np.dtype(d) for d, bf16 in _STORAGE_DTYPES.values() if not bf16} | {np.dtype(np.float32)}
+
 # The first bytes of a legacy (non-zip) torch.save file: a pickled magic number.
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -73,12 +76,13 @@ class _Storage:
 
   def array(self) -> np.ndarray:
     if self._array is None:
-      raw = self.archive.read_storage(self.key)
       dtype = np.dtype(self.type.dtype).newbyteorder(self.archive.byteorder)
-      if len(raw) != self.numel * dtype.itemsize:
-        raise self.archive.error(f"storage {self.key!r} holds {len(raw)} bytes, its header says "
+      # The size is checked before reading: a hostile member cannot make us inflate more than it claims.
+      size = self.archive.storage_size(self.key)
+      if size != self.numel * dtype.itemsize:
+        raise self.archive.error(f"storage {self.key!r} holds {size} bytes, its header says "
                                  f"{self.numel} x {dtype.itemsize}")
-      self._array = np.frombuffer(raw, dtype=dtype)
+      self._array = np.frombuffer(self.archive.read_record(f"data/{self.key}"), dtype=dtype)
     return self._array
 
 
@@ -104,8 +108,12 @@ class _Archive:
         return default
       raise self.error(f"missing record {self.prefix + name!r} (truncated or not a torch.save file?)") from None
 
-  def read_storage(self, key: str) -> bytes:
-    return self.read_record(f"data/{key}")
+  def storage_size(self, key: str) -> int:
+    name = f"{self.prefix}data/{key}"
+    try:
+      return self.zf.getinfo(name).file_size
+    except KeyError:
+      raise self.error(f"missing record {name!r} (truncated or not a torch.save file?)") from None
 
 
 def _rebuild_tensor(archive: _Archive, storage: Any, offset: Any, size: Any, stride: Any,
@@ -164,8 +172,9 @@ class _Unpickler(pickle.Unpickler):
       return lambda *args: _rebuild_parameter(self.archive, *args)
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(name)
-    raise self.archive.error(f"refused pickle global {module}.{name} (a state dict holds only tensors and "
-                             "containers; this file may run code when loaded by torch)")
+    raise self.archive.error(f"refused pickle global {module}.{name} (only tensors of real dtypes, their "
+                             "storages and containers are read: a state dict needs nothing else, and other "
+                             "globals can run code)")
 
   def persistent_load(self, pid: Any) -> _Storage:
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -242,7 +251,7 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
       for name, value in state.items():
         if not isinstance(name, str):
           raise archive.error(f"has a key that is {_describe(name)}, not a weight name")
-        if not isinstance(value, np.ndarray):
+        if not isinstance(value, np.ndarray) or value.dtype not in _TENSOR_DTYPES:
           raise archive.error(f"entry {name!r} is {_describe(value)}, not a tensor (expected a state dict "
                               "as the original saves: names to tensors)")
         out[name] = value
