@@ -259,6 +259,17 @@ def test_format_is_told_by_content(golden_dir, tmp_path):
     assert np.array_equal(table, ref_table)
     assert np.array_equal(params["L_level"]["layers_1"]["mlp"]["down_proj"],
                           ref_params["L_level"]["layers_1"]["mlp"]["down_proj"])
+  truncated = tmp_path / "step_2000"
+  truncated.write_bytes(ROPE_PT.read_bytes()[:100_000])
+  with pytest.raises(ValueError) as e:
+    init_weights.load(config, truncated)
+  one_line_error(e, truncated, "truncated or corrupt zip file")
+  other_zip = tmp_path / "other.zip"
+  with zipfile.ZipFile(other_zip, "w") as zf:
+    zf.writestr("notes.txt", "not an array")
+  with pytest.raises(ValueError) as e:
+    init_weights.load(config, other_zip)
+  one_line_error(e, other_zip, "member 'notes.txt' is not an .npy array")
   (tmp_path / "readme.txt").write_text("hello")
   with pytest.raises(ValueError) as e:
     init_weights.load(config, tmp_path / "readme.txt")
@@ -366,14 +377,17 @@ def test_training_starts_from_an_original_checkpoint(sudoku_small, tmp_path, cap
   np.testing.assert_allclose(rows, np.broadcast_to(mean, rows.shape), rtol=1e-6, atol=1e-7)
 
 
-def test_a_bad_checkpoint_is_one_error_line_from_launch(sudoku_small, tmp_path):
-  from test_train import launch  # pylint: disable=g-import-not-at-top
+def test_a_bad_checkpoint_is_a_one_line_user_error(sudoku_small, tmp_path):
+  """A UserError: launch.py prints it as one `error: ...` line (tests/test_train.py checks that path)."""
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   evil = tmp_path / "evil.pt"
   torch_zip_util.write_zip(evil, torch_zip_util.dumps({"w": Call("os", "system", "echo must not run")}))
-  proc = launch(["--config=configs/quickstart.py", f"--config.data_path={sudoku_small}", "--config.data_build=",
-                 f"--config.init_weights={evil}", f"--workdir={tmp_path / 'run'}"])
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 2, out
-  errors = [l for l in out.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and str(evil) in errors[0] and "refused pickle global os.system" in errors[0], out
-  assert "Traceback" not in out and "must not run" not in out
+  other = tmp_path / "other_architecture.pt"
+  torch_zip_util.write_state_dict(other, {"_orig_mod.model.inner.H_level.layers.0.mlp.down_proj.weight":
+                                          np.zeros((4, 4), np.float32)})
+  for path, expected in ((evil, "refused pickle global os.system"), (other, "inner.H_level.layers.0")):
+    config = tiny_config(sudoku_small, epochs=2, eval_interval=2, init_weights=str(path))
+    with pytest.raises(train.UserError) as e:
+      train.train_and_evaluate(config, tmp_path / f"run_{path.stem}")
+    one_line_error(e, path, expected)
+    assert isinstance(e.value, train.USER_ERRORS)

@@ -38,13 +38,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if torch_checkpoint.is_torch_file(path):
     return torch_checkpoint.load(path)
   if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      if f.read(4) == b"PK\x03\x04":  # the start of a zip whose end is missing
+        raise ValueError(f"{path}: a truncated or corrupt zip file (torch.save and .npz files are zip files)")
     raise ValueError(f"{path}: not a weights file (expected an .npz of original-named arrays or a torch.save "
                      "state dict)")
   try:
     with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+      state = {k: z[k] for k in z.files}
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-    raise ValueError(f"{path}: not a readable .npz file ({str(e)[:200]})") from None
+    raise ValueError(f"{path}: not a readable .npz file ({torch_checkpoint.one_line(e)})") from None
+  for name, value in state.items():
+    if not isinstance(value, np.ndarray):
+      raise ValueError(f"{path}: member {name!r} is not an .npy array (expected an .npz of original-named "
+                       "arrays or a torch.save state dict)")
+  return state
 
 
 def mean_rows(table: np.ndarray, num_rows: int) -> np.ndarray:

@@ -194,6 +194,12 @@ class _Unpickler(pickle.Unpickler):
     return storage
 
 
+def one_line(error: Any, limit: int = 200) -> str:
+  """An exception's text on one line, shortened: for messages that must stay one line."""
+  text = " ".join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 def is_torch_file(path: str | os.PathLike) -> bool:
   """Whether the file looks like a ``torch.save`` file (zip with a ``data.pkl``, or legacy)."""
   try:
@@ -228,21 +234,21 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
       head = f.read(16)
   except OSError as e:
-    raise TorchFormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    raise TorchFormatError(f"{path}: cannot read ({one_line(e.strerror or e)})") from None
   if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
     raise TorchFormatError(f"{path}: saved in torch's legacy (pre-1.6) format, which this reader does not "
                            "read; re-save it with torch >= 1.6: torch.save(torch.load(f), f)")
   try:
     zf = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError) as e:
-    raise TorchFormatError(f"{path}: not a torch.save zip file ({e})") from None
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    raise TorchFormatError(f"{path}: not a torch.save zip file, or truncated ({one_line(e)})") from None
   with zf:
     pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise TorchFormatError(f"{path}: a zip file but not a torch.save file (expected one '<archive>/data.pkl', "
                              f"found {len(pickles)})")
-    archive = _Archive(path, zf, pickles[0][:-len("data.pkl")])
     try:
+      archive = _Archive(path, zf, pickles[0][:-len("data.pkl")])
       with zf.open(pickles[0]) as f:
         state = _Unpickler(archive, f).load()
       if not isinstance(state, dict):
@@ -259,7 +265,7 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except TorchFormatError:
       raise
     except (zipfile.BadZipFile, EOFError, zlib.error, pickle.UnpicklingError) as e:
-      raise archive.error(f"corrupt or truncated archive ({type(e).__name__}: {e})") from None
+      raise TorchFormatError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {one_line(e)})") from None
     except (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, RecursionError,
             MemoryError) as e:
-      raise archive.error(f"not a readable state dict ({type(e).__name__}: {str(e)[:200]})") from None
+      raise TorchFormatError(f"{path}: not a readable state dict ({type(e).__name__}: {one_line(e)})") from None
