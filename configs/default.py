@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ema = False  # keep an EMA of the dense parameters, used for evaluation and export
   c.ema_rate = 0.999  # EMA decay per step
   c.freeze_weights = False  # train only the puzzle embedding
-  c.init_weights = ""  # .npz of original-named weights (e.g. from the PyTorch code) to start from
+  c.init_weights = ""  # weights to start from: the original's torch.save checkpoint or an --mode=export .npz
 
   # --- Model (SPEC §1–§4; names as the original's arch config).
   m = c.model = ml_collections.ConfigDict()

@@ -36,6 +36,7 @@ from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import data as data_lib
 from trm_jax import datasets
 from trm_jax import evaluate as evaluate_lib
+from trm_jax import init_weights as init_weights_lib
 from trm_jax import models
 from trm_jax import monitor as monitor_lib
 from trm_jax import optim
@@ -235,15 +236,17 @@ def make_layout(run: Run) -> Layout:
 
 
 def load_initial_weights(run: Run, layout: Layout, state: state_lib.TrainState) -> state_lib.TrainState:
-  """``config.init_weights``: an .npz of original-named weights replaces the initial ones."""
-  path = pathlib.Path(run.config.init_weights)
-  if not path.is_file():
-    raise UserError(f"init_weights {str(path)!r}: no such file")
-  with np.load(path) as z:
-    try:
-      params, table = weights.import_state_dict(run.model, {k: z[k] for k in z.files}, source=str(path))
-    except ValueError as e:
-      raise UserError(str(e)) from None
+  """``config.init_weights``: original-named weights (.npz or the original's torch.save file) replace the initial ones.
+
+  A puzzle table of another row count is reset as the original does (see ``init_weights``).
+  """
+  try:
+    params, table, notices = init_weights_lib.load(run.model, run.config.init_weights)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if jax.process_index() == 0:
+    for notice in notices:
+      print(f"note: {notice}", flush=True)
   table = sharding.pad_table(table, state.puzzle_emb.shape[0])
   params = jax.device_put(params, layout.state_shardings.params)
   puzzle_emb = jax.device_put(table, layout.state_shardings.puzzle_emb)

@@ -85,6 +85,20 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
   return tree
 
 
+# What wraps the model's own names in saved state dicts: golden files' "param/",
+# then torch.compile's "_orig_mod.", then the ACT loss head's "model." (the
+# original's checkpoints name weights "_orig_mod.model.inner.<...>").
+WRAPPER_PREFIXES = ("param/", "_orig_mod.", "model.")
+
+
+def original_name(key: str) -> str:
+  """A saved weight's name without its wrapper prefixes: ``inner.<module path>.<name>``."""
+  for prefix in WRAPPER_PREFIXES:
+    if key.startswith(prefix):
+      key = key[len(prefix):]
+  return key
+
+
 def import_state_dict(config: models.ModelConfig, state: Mapping[str, Any], *, source: str = "state dict"
                       ) -> tuple[dict[str, Any], np.ndarray]:
   """Original-named weights -> ``(params, puzzle_emb_table)`` as float32 numpy.
@@ -93,13 +107,7 @@ def import_state_dict(config: models.ModelConfig, state: Mapping[str, Any], *, s
   files, saved ``torch.compile``d models). A missing name or a wrong shape
   raises a ValueError naming it.
   """
-  normalised = {}
-  for key, value in state.items():
-    name = key
-    for prefix in ("param/", "_orig_mod.", "model."):
-      if name.startswith(prefix):
-        name = name[len(prefix):]
-    normalised[name] = value
+  normalised = {original_name(key): value for key, value in state.items()}
 
   def fetch(name, shape):
     if name not in normalised:
