@@ -186,6 +186,8 @@ def check_model_file(golden: GoldenFile, kernels: str = "xla") -> Report:
                  TOL_VALUES)
       for name, z in carry.latents.items():  # under the original's field names
         report.add("eval.carry", relative_error(z, golden.get(g + name, (b, sp, d))), TOL_VALUES)
+      recorded = sorted(k[len(g):] for k in golden.keys if k.startswith(g + "z_"))
+      report.exact(f"eval/{t} carry fields {recorded}", sorted(carry.latents), recorded)
       report.add("eval.loss", relative_error(loss, golden.get(g + "loss")), TOL_VALUES)
       report.exact(f"eval/{t}/halted", carry.halted, golden.get(g + "halted", (b,)))
       report.exact(f"eval/{t}/steps", carry.steps, golden.get(g + "steps", (b,)))

@@ -289,9 +289,9 @@ class Architecture:
 
   ``latents``: the carry's named states, in the original's field names,
   each with the fixed parameter it resets to (``(("z_H", "H_init"), ...)``).
-  ``original_levels``: the level names of the parameters (and of the
-  original's ``inner.<level>.layers.<i>`` weights) with the config field
-  holding each one's block count.
+  ``levels``: the level names of the parameters (and of the original's
+  ``inner.<level>.layers.<i>`` weights) with the config field holding each
+  one's block count.
   ``recursion(config, params, latents, inputs, puzzle_rows)`` is one
   supervision step: ``(new_latents, logits [B,S,V], q [B,2])``, the new
   latents under ``stop_gradient``.
