@@ -273,10 +273,10 @@ def run_ttt(run: train.Run, params: Any, table: jax.Array, puzzles: Sequence[arc
     row_of = {name: first_row + i for i, name in enumerate(names)}
     demo = demonstration_rows(puzzles, row_of)
     before, times = demonstration_metrics(runs[0], eval_fn, params, table, demo)
-    if len(times) < 2:  # the only batch included the compilation: time one more
+    if s.time_budget_s and len(times) < 2:  # the only batch included the compilation: time one more
       _, more = demonstration_metrics(runs[0], eval_fn, params, table, demo)
       times = times + more
-    batch_s = float(np.median(times[1:]))
+    batch_s = float(np.median(times[1:] or times))
     bs = run.eval_batch_size
     vote_batches = math.ceil(predictions_after(names) / bs) + 2 * math.ceil(demo[0].shape[0] / bs)
     reserve_s = VOTE_TIME_FACTOR * vote_batches * batch_s + BUDGET_MARGIN_S
@@ -324,14 +324,18 @@ def _train(runs, layouts, plan, params, table, data_dir: pathlib.Path, s: Settin
       # own parameters are still needed (for the puzzles the run knows).
       copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=layout.state_shardings.params)
       if state is None:
-        state = layouts[0].create_state()
+        # Every field of the abstract state (from state.create_train_state) is replaced:
+        # no initialisation to compile.
+        state = layout.abstract_state.replace(
+            puzzle_emb=table, ema_params=None,
+            rng=jax.device_put(jax.random.split(jax.random.PRNGKey(config.seed))[1], layout.state_shardings.rng))
         carry = layout.create_carry()
         dense = copy(start_params)
       else:
         dense = state.params
       opt_state = jax.jit(r.optimizers.dense.init, out_shardings=layout.state_shardings.opt_state)(dense)
-      state = state.replace(params=dense, puzzle_emb=table if step == 0 else state.puzzle_emb, opt_state=opt_state,
-                            step=jnp.asarray(step, jnp.int32))
+      state = state.replace(params=dense, opt_state=opt_state,
+                            step=jax.device_put(jnp.asarray(step, jnp.int32), layout.state_shardings.step))
       train_step = jax.jit(
           steps.make_train_step(r.model, r.optimizers, s.batch_size, None),
           in_shardings=(layout.state_shardings, layout.carry_shardings, batch_sh),
