@@ -343,7 +343,7 @@ def _train(runs, layouts, plan, params, table, data_dir: pathlib.Path, s: Settin
           donate_argnums=(0, 1))
       last_step_s = 0.0
       while step < end:
-        if time.monotonic() + last_step_s + reserve_s > deadline:
+        if deadline != math.inf and _agreed(time.monotonic() + last_step_s + reserve_s > deadline):
           stopped_by = "time_budget"
           break
         t0 = time.monotonic()
@@ -368,6 +368,14 @@ def _train(runs, layouts, plan, params, table, data_dir: pathlib.Path, s: Settin
     monitor.print(f"test-time training stopped by the time budget after {step} of {s.steps} steps "
                   f"(keeping {reserve_s:.0f}s to vote)")
   return state.params, state.puzzle_emb, step, stopped_by
+
+
+def _agreed(stop: bool) -> bool:
+  """Whether any process wants to stop (every process must take the same number of steps)."""
+  if jax.process_count() == 1:
+    return stop
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
 
 
 def _log_window(monitor: monitor_lib.Monitor, window: list[Any], step: int, batch_size: int) -> None:
