@@ -110,6 +110,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.best_metric = "all/exact_accuracy"  # evaluation metric that picks the best checkpoint
   c.best_mode = "max"  # "max" or "min"
 
+  # --- Test-time training in --mode=predict (ARC; trm_jax.ttt): puzzles the run never saw train
+  # their new embedding rows (and, by mode, the network) on their demonstration pairs before voting.
+  # Not in the original. The defaults are for a Kaggle ARC Prize run: full fine-tuning for 12,500
+  # steps is what reached 6.67% on ARC-AGI-2 semi-private within Kaggle's limits (arXiv 2511.02886),
+  # stopped in time to vote within Kaggle's 12 h. steps=0: today's predict (blank embedding).
+  t = c.ttt = ml_collections.ConfigDict()
+  t.steps = 12500  # optimiser steps on the new puzzles' demonstration pairs (0: no test-time training)
+  t.mode = "all"  # what trains: "embeddings" (new rows only, as freeze_weights), "all", "embeddings_then_all"
+  t.switch_fraction = 0.5  # embeddings_then_all: fraction of the steps that train the embeddings only
+  t.lr = 1e-4  # AdamATan2 lr of the dense parameters (the paper's ARC lr)
+  t.puzzle_emb_lr = 1e-2  # SignSGD lr of the new embedding rows (the paper's ARC puzzle_emb_lr)
+  t.warmup_steps = 100  # linear lr warmup of both (the dense one again after an embeddings_then_all switch)
+  t.num_aug = 1000  # augmented versions per new puzzle, trained on and voted over (as the paper's datasets)
+  t.batch_size = 0  # global batch of the test-time training steps (0: the run's global_batch_size)
+  t.time_budget_s = 39600.0  # whole predict in seconds (11 h of Kaggle's 12): stops training in time to vote (0: none)
+
   # --- Checkpoints (Orbax, in <workdir>/checkpoints and <workdir>/best).
   c.keep_checkpoints = 2  # latest checkpoints kept
   c.keep_best = True  # also keep the best checkpoint by best_metric

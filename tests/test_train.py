@@ -335,6 +335,8 @@ def test_predict_writes_a_valid_submission(arc_run, tmp_path):
   (tmp_path / "slice_challenges.json").write_text(json.dumps({n: challenges[n] for n in names}))
   (tmp_path / "slice_solutions.json").write_text(json.dumps({n: solutions[n] for n in names}))
   out = tmp_path / "submission.json"
+  config = config.copy_and_resolve_references()
+  config.ttt.steps = 0  # the new puzzle gets the blank embedding (tests/test_ttt.py trains it)
   summary = train.predict(config, root / "run", tmp_path / "slice_challenges.json", out)
   assert summary["unknown_puzzles"] == 1 and summary["puzzles"] == 4
   assert "ARC/pass@2" in summary

@@ -17,7 +17,8 @@ Matches the original ``evaluators/arc.py`` except where noted:
   were split over processes or in which order they arrived;
 - a test input without any prediction gets ``[[0]]`` attempts in
   ``submission.json`` (the original leaves it out, which the ARC Prize format
-  does not allow) and scores 0, as in the original;
+  does not allow) and scores 0, as in the original; so does an attempt whose
+  crop is empty (the original writes ``[]``, no ARC grid either);
 - test puzzles without solutions (``test_puzzles.json`` built with
   ``--allow-missing-test-solutions``) are left out of pass@K; their
   submission is still written.
@@ -218,7 +219,9 @@ class ARCEvaluator:
           label = grid_hash(np.asarray(pair["output"], np.uint8))
           for i, k in enumerate(self.pass_ks):
             hits[i] += any(h == label for h, _, _ in ranked[:k])
-        grids = [self._grids[h] for h, _, _ in ranked[:self.submission_k]]
+        # An empty crop (the canvas does not start with a colour) is no ARC grid: [[0]] stands in.
+        grids = [self._grids[h] if self._grids[h].size else np.zeros((1, 1), np.uint8)
+                 for h, _, _ in ranked[:self.submission_k]]
         grids += [grids[0]] * (self.submission_k - len(grids))
         submission[name].append({f"attempt_{i + 1}": g.tolist() for i, g in enumerate(grids)})
       if has_solutions:

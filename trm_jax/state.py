@@ -7,6 +7,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from trm_jax import models
@@ -68,3 +69,28 @@ def eval_params(state: TrainState) -> Any:
   embedding table is used as it is.
   """
   return state.ema_params if state.ema_params is not None else state.params
+
+
+def extend_puzzle_table(table_NxE: Any, rows: int, *, trained_rows: int | None = None) -> Any:
+  """The puzzle table grown to ``rows`` rows for identifiers it has never seen.
+
+  The first ``trained_rows`` rows (default: all of ``table_NxE``; pass the
+  dataset's ``num_puzzle_identifiers`` to leave out zero padding rows) are
+  kept as they are; every new row is the mean of the trained rows
+  ``1..trained_rows-1`` (row 0, the blank identifier's, is never trained).
+  The original resets a loaded table of another shape to the mean of its rows
+  (``pretrain.py`` ``load_checkpoint``); here the known rows stay usable.
+  Pure: numpy in, numpy out; jax in (also under jit), jax out.
+  """
+  n = table_NxE.shape[0] if trained_rows is None else int(trained_rows)
+  if not 0 < n <= table_NxE.shape[0]:
+    raise ValueError(f"trained_rows={n}: expected 1..{table_NxE.shape[0]} (the table's rows)")
+  if rows < n:
+    raise ValueError(f"extend_puzzle_table: rows={rows} < the {n} trained rows")
+  xp = jnp if isinstance(table_NxE, jax.Array) else np
+  kept = table_NxE[:n]
+  if n > 1:
+    mean_1xE = xp.mean(table_NxE[1:n].astype(xp.float32), axis=0, keepdims=True).astype(table_NxE.dtype)
+  else:
+    mean_1xE = xp.zeros((1, table_NxE.shape[1]), table_NxE.dtype)
+  return xp.concatenate([kept, xp.broadcast_to(mean_1xE, (rows - n, table_NxE.shape[1]))], axis=0)

@@ -23,6 +23,7 @@ import os
 import pathlib
 import signal
 import threading
+import time
 from typing import Any, Mapping
 
 import jax
@@ -624,17 +625,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
 
 def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, input_path: str | os.PathLike,
             output_path: str | os.PathLike | None = None, checkpoint: str | int = "latest") -> dict[str, Any]:
-  """ARC: a challenges JSON in, ``submission.json`` out (see ``trm_jax.predict``)."""
+  """ARC: a challenges JSON in, ``submission.json`` out, with test-time training of the puzzles
+  the run never saw (``config.ttt``; see ``trm_jax.predict`` and ``trm_jax.ttt``)."""
   from trm_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  from trm_jax import ttt  # pylint: disable=g-import-not-at-top
+  started = time.monotonic()
   run = setup(config, workdir, need_train=False)
   if monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size) != "arc":
     raise UserError(f"--mode=predict needs an ARC dataset (seq_len 900, vocab 12); {run.data_path} has "
                     f"seq_len {run.model.seq_len}, vocab {run.model.vocab_size}")
+  ttt.settings(config)  # a wrong config.ttt key fails before anything is loaded
+  puzzles = predict_lib.load_challenges(pathlib.Path(input_path))
   layout = make_layout(run)
   params, table, step = restore_for_inference(run, layout, checkpoint)
   output_path = pathlib.Path(output_path) if output_path else run.workdir / "predict" / "submission.json"
-  return predict_lib.predict_arc(run, make_eval_fn(run, layout), params, table, pathlib.Path(input_path),
-                                 output_path, step=step)
+  return predict_lib.predict_arc(run, make_eval_fn(run, layout), params, table, puzzles, output_path,
+                                 step=step, started=started)
 
 
 def export_weights(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
