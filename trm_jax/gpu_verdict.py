@@ -1,6 +1,6 @@
 r"""The GPU verdict in one call: correctness of the compiled kernels, speed, and the original side by side.
 
-  python -m trm_jax.gpu_verdict --out=DIR [--smoke] [--budget_s=530] [--parts=a,b] [--cap=PART=SECONDS]
+  python -m trm_jax.gpu_verdict --out=DIR [--smoke] [--budget_s=500] [--parts=a,b] [--cap=PART=SECONDS]
 
 Runs, in this order, each part in a child process with a deadline, and skips
 what the time budget no longer allows (recorded as skipped, with the reason)
@@ -376,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="directory for the JSON results (created)")
   p.add_argument("--smoke", action="store_true", help="tiny shapes, runs on a CPU in about a minute")
-  p.add_argument("--budget_s", type=float, default=530.0, help="seconds the whole may take (default 530)")
+  p.add_argument("--budget_s", type=float, default=500.0, help="seconds the whole may take (default 500)")
   p.add_argument("--parts", default="", help="only these parts (names as in DIR/summary.json, or a kind: golden)")
   p.add_argument("--cap", action="append", default=[], help=f"KIND=SECONDS, a part kind's deadline: {sorted(CAPS)}")
   p.add_argument("--orig", default=str(REPO_ROOT / ".orig"), help="copy of the original's repository")

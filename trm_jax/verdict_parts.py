@@ -194,7 +194,8 @@ def _plain_op_checks(spec: dict, out: pathlib.Path) -> dict:
   for check in spec["checks"]:
     config = load_config(check["config"], check.get("overrides", {}))
     model = bench.model_for(config, **check["dims"])
-    for case in bench_kernels._cases(model, check["batch"], list(bench_kernels.OPS)):  # pylint: disable=protected-access
+    ops = list(check.get("ops", bench_kernels.OPS))
+    for case in bench_kernels._cases(model, check["batch"], ops):  # pylint: disable=protected-access
       row = {"case": case.name, "shape": case.shape, "config": check["config"]}
       start = time.perf_counter()
       try:
