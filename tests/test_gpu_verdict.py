@@ -123,3 +123,10 @@ def test_plain_kernel_checks_compare_ops_with_their_references(tmp_path):
   (case,) = result["cases"]
   assert case["case"] == "rms_norm" and len(case["grad_errors"]) == 2
   assert 0 <= case["forward_error"] <= case["tolerance"] and max(case["grad_errors"]) <= case["tolerance"]
+
+
+@pytest.mark.parametrize("flag", ["--parts=arc_xla,nonsense", "--cap=golden=10", "--cap=bench=soon"])
+def test_bad_flags_end_in_one_line_error(tmp_path, capsys, flag):
+  assert gpu_verdict.main([f"--out={tmp_path}", "--smoke", flag, f"--golden_dir={shared_paths.GOLDEN_DIR}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --") and len(err.splitlines()) == 1

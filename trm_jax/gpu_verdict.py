@@ -76,6 +76,10 @@ CAPS = {"env": (60, 10), "correctness": (210, 60), "bench": (120, 45), "original
         "max_batch": (150, 60)}
 
 
+class UsageError(ValueError):
+  """A flag that names no part or kind."""
+
+
 @dataclasses.dataclass
 class Part:
   name: str
@@ -97,7 +101,7 @@ class Verdict:
     for item in args.cap:
       name, _, seconds = item.partition("=")
       if name not in self.caps or not seconds.replace(".", "", 1).isdigit():
-        raise SystemExit(f"error: --cap={item}: expected NAME=SECONDS with NAME one of {sorted(self.caps)}")
+        raise UsageError(f"--cap={item}: expected KIND=SECONDS with KIND one of {sorted(self.caps)}")
       self.caps[name] = (float(seconds), min(self.caps[name][1], float(seconds)))
     self.workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     self.summary: dict[str, Any] = {
@@ -229,8 +233,14 @@ class Verdict:
     return plan
 
   def run(self) -> dict:
+    plan = self.plan()
     wanted = set(self.args.parts.split(",")) if self.args.parts else None
-    for group, parts in self.plan():
+    if wanted is not None:
+      known = {group for group, _ in plan} | {p if isinstance(p, str) else p.name for _, ps in plan for p in ps} | {
+          "original" if isinstance(p, str) else p.kind for _, ps in plan for p in ps}
+      if wanted - known:
+        raise UsageError(f"--parts: unknown {sorted(wanted - known)}; expected some of {sorted(known)}")
+    for group, parts in plan:
       ready = []
       for part in parts:
         name = part if isinstance(part, str) else part.name
@@ -391,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=0, help="timed train steps of ours (default 10; smoke 2)")
   p.add_argument("--torch_steps", type=int, default=0, help="timed steps of the original (default 10; smoke 2)")
   p.add_argument("--memory_limit_gb", type=float, default=0.0,
-                 help="memory the batch search may fill (default: 97%% of the device's; smoke 0.01)")
+                 help="memory the batch search may fill (default: 97%% of the device's; smoke 0.002)")
   p.add_argument("--commit", default="", help="the code's commit, when the checkout has no .git")
   return p
 
@@ -404,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
   args.kernel_tests = args.kernel_tests or ("tests/kernels/test_common.py" if smoke else "tests/kernels")
   args.steps = args.steps or (2 if smoke else 10)
   args.torch_steps = args.torch_steps or (2 if smoke else 10)
-  args.memory_limit_gb = args.memory_limit_gb or (0.01 if smoke else 0.0)
+  args.memory_limit_gb = args.memory_limit_gb or (0.002 if smoke else 0.0)
   if smoke and not args.golden_files:
     args.golden_files = "stablemax_ce.npz,adam_atan2.npz"
   if not args.golden_dir:
@@ -417,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
   if not pathlib.Path(args.golden_dir).is_dir():
     print(f"error: --golden_dir={args.golden_dir}: no such directory", file=sys.stderr)
     return 2
-  summary = Verdict(args).run()
+  try:
+    summary = Verdict(args).run()
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps({"targets": [{k: t[k] for k in ("target", "workload", "status", "value")}
                                 for t in summary["targets"]],
                     "parts": {k: v["status"] for k, v in summary["parts"].items()}}, indent=1))
