@@ -31,7 +31,7 @@ fail or not-measured: ``pallas`` >= 1.3x ``xla``, ours >= 1.5x the original's
 step rate at the same batch, and model FLOP utilisation >= 50%. It is
 rewritten after every part, so a call cut short still leaves it.
 
-``--smoke`` runs the same parts at tiny shapes on a CPU in about a minute (the
+``--smoke`` runs the same parts at tiny shapes on a CPU, in minutes (the
 golden check on the two non-model files, ``tests/kernels/test_common.py``,
 ``torch.compile`` off): it shows that the plumbing works, not a number.
 """
@@ -149,8 +149,9 @@ class Verdict:
     running = []
     for part in parts:
       log = open(self.out / "logs" / f"{part.name}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
-      proc = subprocess.Popen(part.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,  # pylint: disable=consider-using-with
-                              env=self._child_env(part.env), start_new_session=True)
+      # Its own session: at the deadline its whole process group (compile workers too) is killed.
+      proc = subprocess.Popen(part.argv, stdout=log, stderr=subprocess.STDOUT,  # pylint: disable=consider-using-with
+                              cwd=REPO_ROOT, env=self._child_env(part.env), start_new_session=True)
       running.append((part, proc, log, time.monotonic()))
       print(f"gpu_verdict: {part.name} started (deadline {timeout:.0f} s)", file=sys.stderr, flush=True)
     group_deadline = time.monotonic() + timeout
@@ -385,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m trm_jax.gpu_verdict", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="directory for the JSON results (created)")
-  p.add_argument("--smoke", action="store_true", help="tiny shapes, runs on a CPU in about a minute")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, on a CPU (every part, torch.compile off)")
   p.add_argument("--budget_s", type=float, default=500.0, help="seconds the whole may take (default 500)")
   p.add_argument("--parts", default="", help="only these parts (names as in DIR/summary.json, or a kind: golden)")
   p.add_argument("--cap", action="append", default=[], help=f"KIND=SECONDS, a part kind's deadline: {sorted(CAPS)}")
