@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.halt_exploration_prob = 0.1  # chance of a random minimum number of steps in training
   m.no_ACT_continue = True  # TRM family: halt on q_halt > 0 only (False: on q_halt > q_continue, and learn
   # q_continue's target); hrm and the baseline always halt on q_halt > q_continue (SPEC §11)
-  m.forward_dtype = "bfloat16"  # "bfloat16" or "float32" activations and carry
+  m.forward_dtype = "bfloat16"  # "bfloat16", "float32" or "float64" (reference mode, needs JAX_ENABLE_X64=1)
   m.loss_type = "stablemax_cross_entropy"  # or "softmax_cross_entropy"
   m.kernels = "xla"  # hot-path ops: "xla" or "pallas" (kernels/)
   m.remat = "none"  # recompute in the backward pass to save memory: "none", "attention" or "network"

@@ -47,20 +47,21 @@ from jax.experimental.pallas import triton as pltriton
 import kernels as kernels_lib
 
 def apply_rope(x_BxSxHxK: jax.Array, cos_SxK: jax.Array, sin_SxK: jax.Array) -> jax.Array:
-  """RoPE with the half-split layout, computed in float32, cast back."""
+  """RoPE with the half-split layout, computed in float32 (float64 stays float64), cast back."""
   dtype = x_BxSxHxK.dtype
-  x = x_BxSxHxK.astype(jnp.float32)
+  compute = jnp.promote_types(dtype, jnp.float32)
+  x = x_BxSxHxK.astype(compute)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  cos = cos_SxK[None, :, None, :].astype(jnp.float32)
-  sin = sin_SxK[None, :, None, :].astype(jnp.float32)
+  cos = cos_SxK[None, :, None, :].astype(compute)
+  sin = sin_SxK[None, :, None, :].astype(compute)
   return (x * cos + rotated * sin).astype(dtype)
 
 
 def attention_reference(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
                         cos_SxK: jax.Array | None = None, sin_SxK: jax.Array | None = None,
                         *, sm_scale: float | None = None) -> jax.Array:
-  """Plain-jnp attention: softmax(q k^T * scale) v, logits and softmax in float32."""
+  """Plain-jnp attention: softmax(q k^T * scale) v, logits and softmax in float32 (or float64)."""
   if (cos_SxK is None) != (sin_SxK is None):
     raise ValueError("attention: pass both cos and sin for RoPE, or neither")
   if cos_SxK is not None:
@@ -68,11 +69,12 @@ def attention_reference(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: j
     k_BxSxHxK = apply_rope(k_BxSxHxK, cos_SxK, sin_SxK)
   if sm_scale is None:
     sm_scale = q_BxSxHxK.shape[-1] ** -0.5
+  compute = jnp.promote_types(q_BxSxHxK.dtype, jnp.float32)
   logits_BxHxSxS = jnp.einsum("bqhk,bshk->bhqs", q_BxSxHxK, k_BxSxHxK,
-                              preferred_element_type=jnp.float32) * sm_scale
+                              preferred_element_type=compute) * sm_scale
   probs_BxHxSxS = jax.nn.softmax(logits_BxHxSxS, axis=-1).astype(v_BxSxHxK.dtype)
   out = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxSxS, v_BxSxHxK,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=compute)
   return out.astype(q_BxSxHxK.dtype)
 
 

@@ -28,9 +28,10 @@ def residual_rms_norm_reference(x: jax.Array, residual: jax.Array, *, eps: float
   """rms_norm(x + residual) over the last axis.
 
   The add happens in the input dtype (as the original's ``h + f(h)``); the
-  normalisation in float32; the result is cast back to ``x.dtype``.
+  normalisation in float32 (float64 inputs stay float64: the reference mode
+  ``model.forward_dtype="float64"``); the result is cast back to ``x.dtype``.
   """
-  h = (x + residual).astype(jnp.float32)
+  h = (x + residual).astype(jnp.promote_types(x.dtype, jnp.float32))
   variance = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
   return (h * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
 

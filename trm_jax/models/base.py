@@ -28,7 +28,7 @@ from trm_jax import ops
 from trm_jax.models import layers
 
 POS_ENCODINGS = ("rope", "learned", "none")
-FORWARD_DTYPES = ("float32", "bfloat16")
+FORWARD_DTYPES = ("float32", "bfloat16", "float64")
 LOSS_TYPES = ("stablemax_cross_entropy", "softmax_cross_entropy")
 # What the backward pass recomputes instead of storing (numbers unchanged):
 # "none"; "attention": each attention op's internals (with kernels="xla", the
@@ -101,6 +101,16 @@ class ModelConfig:
           f"puzzle_emb_len * hidden_size = {self.puzzle_emb_len} * {self.hidden_size}")
     if self.forward_dtype not in FORWARD_DTYPES:
       self.fail("forward_dtype", f"one of {FORWARD_DTYPES}")
+    if self.forward_dtype == "float64":
+      # A reference mode (every activation, RMSNorm and RoPE in float64), for
+      # comparing against float64 runs of the original; not turned on
+      # implicitly, since x64 is process-wide and must be set before JAX starts.
+      if not jax.config.jax_enable_x64:
+        raise ValueError("model config: forward_dtype='float64' needs 64-bit JAX: set the environment "
+                         "variable JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True) first)")
+      if self.kernels != "xla":
+        raise ValueError(f"model config: forward_dtype='float64' runs with kernels='xla' only (the "
+                         f"Pallas kernels take float32, bfloat16 and float16), got kernels={self.kernels!r}")
     if self.loss_type not in LOSS_TYPES:
       self.fail("loss_type", f"one of {LOSS_TYPES}")
     if not 0.0 <= self.halt_exploration_prob <= 1.0:
@@ -240,7 +250,8 @@ class Network(nn.Module):
     c = self.config
     if c.pos_encodings != "rope":
       return None, None
-    return layers.rope_tables(c.num_positions, c.head_dim, c.rope_theta)
+    return layers.rope_tables(c.num_positions, c.head_dim, c.rope_theta,
+                              jnp.promote_types(c.dtype, jnp.float32))
 
 
 # ---------------------------------------------------------------------------

@@ -55,10 +55,14 @@ def swiglu_intermediate_size(width: int, expansion: float) -> int:
   return -(-inter // 256) * 256
 
 
-def rope_tables(num_positions: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos/sin ``[S+P, head_dim]`` in float32 for the half-split RoPE layout."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = jnp.outer(jnp.arange(num_positions, dtype=jnp.float32), inv_freq)
+def rope_tables(num_positions: int, head_dim: int, theta: float, dtype=jnp.float32
+                ) -> tuple[jax.Array, jax.Array]:
+  """cos/sin ``[S+P, head_dim]`` for the half-split RoPE layout.
+
+  float32 as the original; float64 for the reference mode ``forward_dtype="float64"``.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+  angles = jnp.outer(jnp.arange(num_positions, dtype=dtype), inv_freq)
   emb = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
