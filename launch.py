@@ -10,6 +10,7 @@ r"""Trains, evaluates or predicts with TRM.
 Re-running a train command with the same --workdir resumes the run.
 """
 
+import logging
 import sys
 
 from absl import app
@@ -17,9 +18,35 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "configs/quickstart.py", "Config file, optionally with a variant: configs/x.py[:arg].",
-    lock_config=True)
+
+
+def _one_line(error: BaseException) -> str:
+  """An ml_collections / absl error as one line (they hold repr'd KeyErrors and whole tracebacks)."""
+  while len(error.args) == 1 and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if len(error.args) == 1 else str(error)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  errno_line = [line for line in lines if line.startswith("[Errno")]
+  if errno_line:
+    return f"cannot load the config file: {errno_line[-1]}"
+  if "Traceback (most recent call last)" in text:
+    lines = lines[-1:]  # the config file's own error
+  return "; ".join(lines)
+
+
+def _config_error(error: BaseException) -> None:
+  prefix = "--config: unknown key " if isinstance(error, (AttributeError, KeyError)) else "--config: "
+  print(f"error: {prefix}{_one_line(error)}", file=sys.stderr)
+  sys.exit(2)
+
+
+try:
+  # Reads --config.<key> overrides from sys.argv already: a mistyped key fails here.
+  config_flags.DEFINE_config_file(
+      "config", "configs/quickstart.py", "Config file, optionally with a variant: configs/x.py[:arg].",
+      lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as _e:
+  _config_error(_e)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, outputs). "
                     "Default: runs/<config name>[_<variant>].")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
@@ -34,6 +61,14 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
+class _NoOrbaxTracebacks(logging.Filter):
+  """Orbax logs a failed background save with tracebacks (hundreds of lines) before the error
+  reaches the trainer, which reports it in one line naming the directory and the cause."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and "orbax" in record.pathname)
+
+
 if __name__ != "__main__":
   # grain's worker processes re-import this module as __mp_main__ and may read
   # flags: they must not find them unparsed.
@@ -46,9 +81,25 @@ def default_workdir(config_arg: str) -> str:
   return f"runs/{name}_{variant}" if variant else f"runs/{name}"
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, but a bad --config file or key is one line and exit status 2, not a traceback."""
+  try:
+    rest = FLAGS(argv)
+    _ = FLAGS.config.is_locked  # a config file that failed to load raises here
+  except flags.Error as e:
+    if isinstance(e.__context__, (AttributeError, KeyError)):
+      _config_error(e.__context__)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    _config_error(e)
+  return rest
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
   from trm_jax import train  # pylint: disable=g-import-not-at-top
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:
@@ -69,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
