@@ -69,6 +69,16 @@ class _NoOrbaxTracebacks(logging.Filter):
     return not (record.exc_info and "orbax" in record.pathname)
 
 
+def _quiet_closed_event_loop(hook):
+  """After a failed save, TensorStore still completes the save's other writes and calls back into
+  the event loop Orbax has closed: each prints a traceback (sys.unraisablehook). Dropped; the
+  failure itself is reported in one line."""
+  def unraisablehook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return unraisablehook
+
+
 if __name__ != "__main__":
   # grain's worker processes re-import this module as __mp_main__ and may read
   # flags: they must not find them unparsed.
@@ -100,6 +110,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
+  sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
   from trm_jax import train  # pylint: disable=g-import-not-at-top
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:
