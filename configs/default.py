@@ -130,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # latest checkpoints kept
   c.keep_best = True  # also keep the best checkpoint by best_metric
   c.checkpoint_every_steps = 0  # also save every N steps (0: only after each evaluation and at exit)
+  c.resume_allow_changes = ""  # model keys a resume may change on purpose ("model.H_cycles,..."); others refuse
 
   # --- Logging.
   c.log_every_steps = 50  # steps between progress lines and TensorBoard scalars

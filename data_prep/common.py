@@ -35,8 +35,11 @@ import lzma
 import os
 import pathlib
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import zipfile
 from typing import Any, Sequence
 
@@ -196,6 +199,10 @@ class DatasetWriter:
   ``with DatasetWriter(out_dir) as ds: ...`` writes into a temporary sibling
   directory; on a clean exit it replaces ``out_dir`` (only with
   ``overwrite=True`` if it exists), on an exception it deletes everything.
+  SIGTERM and SIGHUP (a job scheduler stopping the build) delete it too, then
+  end the process by that signal as before. The temporary name holds the
+  host and pid of the builder, so that a later build removes what a process
+  killed outright (SIGKILL) left behind.
   """
 
   def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False,
@@ -211,8 +218,11 @@ class DatasetWriter:
     if self.output_dir.exists() and not self.overwrite:
       raise FileExistsError(f"output directory {self.output_dir} already exists (pass --overwrite to replace it)")
     self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    self.tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.building-",
-                                                 dir=self.output_dir.parent))
+    _remove_stale_builds(self.output_dir)
+    self.tmp_dir = pathlib.Path(tempfile.mkdtemp(
+        prefix=f".{self.output_dir.name}.building-{socket.gethostname()}-{os.getpid()}-",
+        dir=self.output_dir.parent))
+    self._catch_signals()
     # mkdtemp makes the directory private (0700); the finished dataset gets the
     # usual permissions (0777 less the umask), like any directory made by mkdir.
     umask = os.umask(0)
@@ -265,7 +275,26 @@ class DatasetWriter:
   def write_json(self, relpath: str, obj: Any) -> None:
     write_json(self.tmp_dir / relpath, obj)
 
+  def _catch_signals(self) -> None:
+    self._previous_handlers = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    def handler(signum, frame):
+      del frame
+      raise _BuildInterrupted(signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+      self._previous_handlers[sig] = signal.signal(sig, handler)
+
   def __exit__(self, exc_type, exc, tb) -> bool:
+    for sig, previous in self._previous_handlers.items():
+      signal.signal(sig, previous)
+    try:
+      return self._finish(exc_type)
+    finally:
+      if isinstance(exc, _BuildInterrupted):  # cleaned up: now die of the signal, as without the handler
+        os.kill(os.getpid(), exc.signum)
+
+  def _finish(self, exc_type) -> bool:
     if exc_type is None:
       unfinished = [s for s in self._set_writers if s not in self._split_metadata]
       if unfinished:
@@ -286,6 +315,40 @@ class DatasetWriter:
               w._writer.close()  # pylint: disable=protected-access
       shutil.rmtree(self.tmp_dir, ignore_errors=True)
     return False
+
+
+class _BuildInterrupted(BaseException):
+  """SIGTERM / SIGHUP during a build (a BaseException: nothing on the way may swallow it)."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"interrupted by signal {signum}")
+    self.signum = signum
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_stale_builds(output_dir: pathlib.Path) -> None:
+  """Deletes the temporary directories of builds of ``output_dir`` whose process is gone (this host)."""
+  host = socket.gethostname()
+  for path in output_dir.parent.glob(f".{output_dir.name}.*"):
+    kind, _, rest = path.name[len(output_dir.name) + 2:].partition("-")
+    if kind == "building" and rest.startswith(host + "-"):
+      pid = rest[len(host) + 1:].split("-", 1)[0]
+    elif kind == "old":
+      pid = rest
+    else:
+      continue  # not ours, another host's build, or a build from before the host was recorded
+    if pid.isdigit() and not _pid_alive(int(pid)) and path.is_dir():
+      warn(f"removing {path}, left by an interrupted build (pid {pid})")
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -220,6 +220,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sudoku_data, tmp_p
   bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
   latest = checkpoint_lib.Checkpointer(tmp_path, async_save=False).latest_step()
   assert latest is not None and latest < bad_step
+  assert f"the latest checkpoint (step {latest}) is the last good state" in str(info.value)
+  assert isinstance(info.value, train.USER_ERRORS)  # launch.py: one line, exit status 2
+  # Before any checkpoint (the message used to say "the latest checkpoint (None)").
+  config.checkpoint_every_steps = 0
+  with pytest.raises(train.NonFiniteLossError, match="no checkpoint was saved before it"):
+    train.train_and_evaluate(config, tmp_path / "none")
 
 
 @pytest.mark.parametrize("overrides, message", [

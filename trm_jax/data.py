@@ -140,6 +140,13 @@ def _check_set_index(split_dir: pathlib.Path, s: common.SetIndex) -> None:
     raise common.DatasetFormatError(f"{where}: group_indices must increase (every group needs a puzzle)")
 
 
+def _unreadable(path: str, error: BaseException) -> common.DatasetFormatError:
+  """A shard ArrayRecord cannot read (truncated, garbled): one line naming the file."""
+  detail = (str(error).strip().splitlines() or [error.__class__.__name__])[0][:200]
+  return common.DatasetFormatError(f"{path}: cannot read its records, the file is damaged ({detail}); "
+                                   "rebuild the dataset")
+
+
 class _SetReader:
   """Reads rows of one set from its ArrayRecord shards; picklable, opens lazily."""
 
@@ -169,7 +176,12 @@ class _SetReader:
         return
       from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
       # Random access: no read-ahead (it would read records nobody asked for).
-      readers = [array_record_module.ArrayRecordReader(p, "readahead_buffer_size:0") for p in self._paths]
+      readers = []
+      for p in self._paths:
+        try:
+          readers.append(array_record_module.ArrayRecordReader(p, "readahead_buffer_size:0"))
+        except (RuntimeError, ValueError, OSError) as e:
+          raise _unreadable(p, e) from None
       offsets = np.concatenate([[0], np.cumsum([r.num_records() for r in readers])]).astype(np.int64)
       if offsets[-1] != self._num_examples:
         raise common.DatasetFormatError(
@@ -189,7 +201,10 @@ class _SetReader:
     shard = np.searchsorted(self._offsets, rows, side="right") - 1
     for sh in np.unique(shard):
       where = np.flatnonzero(shard == sh)
-      records = self._readers[sh].read((rows[where] - self._offsets[sh]).tolist())
+      try:
+        records = self._readers[sh].read((rows[where] - self._offsets[sh]).tolist())
+      except (RuntimeError, ValueError, OSError) as e:
+        raise _unreadable(self._paths[sh], e) from None
       buf = b"".join(records)
       if len(buf) != where.shape[0] * out.itemsize * self._row_len:
         raise common.DatasetFormatError(

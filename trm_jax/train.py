@@ -12,6 +12,11 @@ Stopping: SIGTERM or SIGINT finish the current step, save a checkpoint and
 return; re-running the same command resumes from it (bit-identical to an
 uninterrupted run on a CPU). A non-finite loss raises ``NonFiniteLossError``
 naming the step, without saving: the last good checkpoint stays the latest.
+A failure the state survives (an unreadable train shard, an evaluation that
+raises) saves first, so no training is lost; a checkpoint saved before its
+evaluation failed is evaluated first on resume. The run holds a lock on its
+directory (``trm_jax.workdir``) and restores only intact checkpoints
+(``trm_jax.integrity``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping
@@ -45,6 +51,7 @@ from trm_jax import sharding
 from trm_jax import state as state_lib
 from trm_jax import steps
 from trm_jax import weights
+from trm_jax import workdir as workdir_lib
 
 
 class UserError(Exception):
@@ -72,7 +79,9 @@ def out_of_memory_error(config: ml_collections.ConfigDict, num_devices: int) -> 
       f"finds the largest batch that fits. The latest checkpoint is intact.")
 
 
-USER_ERRORS = (UserError, data_common.DatasetFormatError, checkpoint_lib.IncompatibleCheckpointError)
+# Each is reported by launch.py as one line, exit status 2.
+USER_ERRORS = (UserError, data_common.DatasetFormatError, checkpoint_lib.IncompatibleCheckpointError,
+               checkpoint_lib.CheckpointSaveError, workdir_lib.WorkdirError, NonFiniteLossError)
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -151,7 +160,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
           need_test: bool = True) -> Run:
   """Validates the config against the data and the devices; builds nothing on device."""
   _check_schedule(config)
-  data_path = datasets.ensure_dataset(config)
+  workdir = workdir_lib.check(workdir, create=False)
+  try:
+    data_path = datasets.ensure_dataset(config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   if not data_path.is_dir():
     raise UserError(f"data_path {str(data_path)!r} does not exist; build it with data_prep "
                     "(see README) or set config.data_build")
@@ -367,13 +380,28 @@ def _better(value: float, best: float | None, mode: str) -> bool:
   return best is None or (value > best if mode == "max" else value < best)
 
 
+def _dataset_shapes(run: Run) -> dict[str, int]:
+  return {"seq_len": run.model.seq_len, "vocab_size": run.model.vocab_size,
+          "num_puzzle_identifiers": run.model.num_puzzle_identifiers}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains (or resumes) a run in ``workdir``; returns a summary of it."""
   run = setup(config, workdir)
-  run.workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.check(run.workdir, create=True)
+  with workdir_lib.run_lock(run.workdir):
+    return _train(run)
+
+
+def _train(run: Run) -> dict[str, Any]:
+  config = run.config
   config_dict = checkpoint_lib.config_to_dict(config)
   is_main = jax.process_index() == 0
-  checkpointer = checkpoint_lib.Checkpointer(run.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best)
+  checkpointer = checkpoint_lib.Checkpointer(run.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best,
+                                             repair=True)
+  if is_main:
+    for line in checkpointer.damaged:
+      print(f"warning: {line}", file=sys.stderr, flush=True)
   layout = make_layout(run)
   try:
     train_iter = data_lib.make_train_iterator(
@@ -383,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   except ValueError as e:
     raise UserError(f"config: {e}") from None
 
-  meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None}
+  meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None, "eval_pending": None}
   try:
     evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
   except ValueError as e:
@@ -391,7 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   latest = checkpointer.latest_step()
   if latest is not None:
     saved = checkpointer.read_meta(latest)
-    checkpoint_lib.check_compatible(saved["config"], config_dict, f"checkpoint {run.workdir / 'checkpoints'}")
+    where = f"checkpoint {latest} in {run.workdir / 'checkpoints'}"
+    checkpoint_lib.check_compatible(saved["config"], config_dict, where)
+    checkpoint_lib.check_resume(saved, config_dict, _dataset_shapes(run), where)
     state, carry, data_state, saved = checkpointer.restore(layout.abstract_state, layout.abstract_carry, latest)
     try:
       train_iter.set_state(data_state)
@@ -419,7 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   step = int(jax.device_get(state.step))
   stop_at = run.total_steps if not config.max_steps else min(run.total_steps, config.max_steps)
-  already_complete = latest is not None and meta["iteration"] >= run.total_iters
+  already_complete = (latest is not None and meta["iteration"] >= run.total_iters
+                      and not meta.get("eval_pending") and meta.get("evaluated_step") == step)
   summary: dict[str, Any] = {"start_step": step, "total_steps": run.total_steps, "stopped_by": None,
                              "last_eval": None}
   if already_complete and meta.get("evaluated_step") is not None:
@@ -435,8 +466,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   def save(best: bool = False):
     data_state = train_iter.get_state()
-    checkpointer.save(step, state, carry, data_state, {**meta, "config": config_dict, "step": step},
+    checkpointer.save(step, state, carry, data_state,
+                      {**meta, "config": config_dict, "step": step, "dataset": _dataset_shapes(run)},
                       evaluators=[ev.state() for ev in evaluators], best=best)
+
+  def save_before_raising():
+    """A failure the state survives (data, evaluation): keep the training done since the last save."""
+    if jax.process_count() == 1 and checkpointer.latest_step() != step:
+      check_window()  # never save a state whose loss went non-finite
+      save()
 
   window: list[Mapping[str, jax.Array]] = []  # device metrics of the steps not logged yet
   window_start = step
@@ -448,8 +486,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     for i, m in enumerate(fetched):
       loss = float(m["lm_loss"]) + float(m["q_halt_loss"]) + float(m.get("q_continue_loss", 0.0))
       if not math.isfinite(loss):
-        raise NonFiniteLossError(f"non-finite loss {loss} at step {window_start + len(host_window) + i + 1}; "
-                                 f"the latest checkpoint ({checkpointer.latest_step()}) is the last good state")
+        kept = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss {loss} at step {window_start + len(host_window) + i + 1}; "
+            + (f"the latest checkpoint (step {kept}) is the last good state" if kept is not None
+               else "no checkpoint was saved before it") + "; lower --config.lr or --config.puzzle_emb_lr")
     host_window.extend(fetched)
 
   def flush_window():
@@ -465,10 +506,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     reported.update(lr=float(host_window[-1]["lr"]), puzzle_emb_lr=float(host_window[-1]["puzzle_emb_lr"]))
     monitor.log_train(window_start + len(host_window), reported)
     window, window_start, host_window = [], window_start + len(host_window), []
+    checkpointer.check()  # a background save that failed stops the run now
 
   def evaluate_and_save():
-    results = run_evaluation(run, eval_fn, state_lib.eval_params(state), state.puzzle_emb, evaluators,
-                             step=step, monitor=monitor, output_dir=run.workdir / "eval" / f"step_{step}")
+    try:
+      results = run_evaluation(run, eval_fn, state_lib.eval_params(state), state.puzzle_emb, evaluators,
+                               step=step, monitor=monitor, output_dir=run.workdir / "eval" / f"step_{step}")
+    except Exception:
+      meta["eval_pending"] = step  # a resume evaluates this step first
+      save_before_raising()
+      raise
+    meta["eval_pending"] = None
     _write_results(run.workdir / "eval" / f"step_{step}", results)
     summary["last_eval"] = results
     meta["evaluated_step"] = step
@@ -481,9 +529,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     save(best=is_best)
 
   try:
+    if latest is not None and meta["eval_pending"] == step:
+      evaluate_and_save()  # the evaluation this checkpoint was saved before did not finish
     with _StopRequest() as stop:
       while step < stop_at and meta["iteration"] < run.total_iters:
-        local = next(train_iter)
+        try:
+          local = next(train_iter)
+        except data_common.DatasetFormatError:
+          save_before_raising()
+          raise
         pass_done = train_iter.batch_index == 0
         state, carry, metrics = train_step(state, carry,
                                            sharding.global_batch(local, run.mesh, config.global_batch_size))
@@ -575,9 +629,18 @@ def _write_results(directory: pathlib.Path, results: Mapping[str, float]) -> Non
 
 def restore_for_inference(run: Run, layout: Layout, checkpoint: str | int = "latest"
                           ) -> tuple[Any, jax.Array, int]:
-  """``(eval params, puzzle table, step)`` of a run's checkpoint: 'latest', 'best' or a step."""
+  """``(eval params, puzzle table, step)`` of a run's checkpoint: 'latest', 'best' or a step.
+
+  Reads only: a missing run directory is an error (nothing is created), and a
+  damaged checkpoint is passed over for the newest intact one (with a warning).
+  """
+  if not run.workdir.is_dir():
+    raise UserError(f"workdir {run.workdir} does not exist: no run to read a checkpoint from")
   checkpointer = checkpoint_lib.Checkpointer(run.workdir, keep=run.config.keep_checkpoints,
-                                             keep_best=True, async_save=False)
+                                             keep_best=True, async_save=False, read_only=True)
+  if jax.process_index() == 0:
+    for line in checkpointer.damaged:
+      print(f"warning: {line}", file=sys.stderr, flush=True)
   try:
     from_best = checkpoint == "best"
     if from_best:
@@ -592,6 +655,8 @@ def restore_for_inference(run: Run, layout: Layout, checkpoint: str | int = "lat
       if step not in checkpointer.latest.all_steps():
         raise UserError(f"no checkpoint at step {step} in {run.workdir / 'checkpoints'} "
                         f"(have {checkpointer.latest.all_steps()})")
+      if step > (checkpointer.latest_step() or -1):
+        raise UserError(f"checkpoint {step} in {run.workdir / 'checkpoints'} is damaged (see the warning above)")
     if step is None:
       raise UserError(f"no {checkpoint} checkpoint in {run.workdir}")
     saved = checkpointer.read_meta(step, from_best=from_best)
@@ -658,9 +723,13 @@ def export_weights(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   state = weights.export_state_dict(run.model, params, table)
   path = pathlib.Path(output_path) if output_path else run.workdir / "export" / f"weights_step_{step}.npz"
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **state)
-    tmp.rename(path)
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.savez(tmp, **state)
+      tmp.rename(path)
+    except OSError as e:
+      raise UserError(f"--output {path}: cannot write it ({e.strerror or e}"
+                      + (f": {e.filename}" if e.filename else "") + ")") from None
     print(f"exported {len(state)} weights of step {step} to {path}", flush=True)
   return path
