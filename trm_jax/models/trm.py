@@ -7,8 +7,8 @@ SignSGD), is sharded by rows, and is far larger than the network (about 900k x
 
 ``recursion`` is the pure function of one supervision step: ``H_cycles - 1``
 cycles under ``stop_gradient`` and one with gradient, each cycle
-``L_cycles`` latent updates and one answer update, all as ``jax.lax.scan``
-so the step compiles to a small program whatever the cycle counts.
+``L_cycles`` latent updates and one answer update, as ``jax.lax.scan`` loops
+(unrolled when short, see ``MAX_UNROLLED_CYCLES``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ LOSS_TYPES = ("stablemax_cross_entropy", "softmax_cross_entropy")
 # [B, H, S, S] softmax); "network": everything inside each application of f,
 # of which only the inputs are kept.
 REMAT_POLICIES = ("none", "attention", "network")
+# Cycle loops up to this long are unrolled in the compiled program: XLA then
+# schedules and fuses across cycles, and the graded cycle's backward reads
+# each application's saved activations directly instead of stacking them in
+# scan buffers (copies). Longer loops stay rolled, to bound compile time.
+MAX_UNROLLED_CYCLES = 8
+
+
+def _unroll(length: int) -> int | bool:
+  return True if length <= MAX_UNROLLED_CYCLES else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +257,7 @@ def recursion(config: TRMConfig, params: Mapping[str, Any], z_H_BxSxD: jax.Array
     """One H cycle: L_cycles latent updates, then one answer update."""
     def latent_update(z_L, _):
       return reason(p, z_L, z_H + x_BxSxD, cos, sin), None
-    z_L, _ = jax.lax.scan(latent_update, z_L, None, length=config.L_cycles)
+    z_L, _ = jax.lax.scan(latent_update, z_L, None, length=config.L_cycles, unroll=_unroll(config.L_cycles))
     z_H = reason(p, z_H, z_L, cos, sin)
     return z_H, z_L
 
@@ -263,7 +272,8 @@ def recursion(config: TRMConfig, params: Mapping[str, Any], z_H_BxSxD: jax.Array
 
     def no_grad_cycle(carry, _):
       return run_cycles(params_ng, x_ng, cos, sin, *carry), None
-    (z_H, z_L), _ = jax.lax.scan(no_grad_cycle, (z_H, z_L), None, length=config.H_cycles - 1)
+    (z_H, z_L), _ = jax.lax.scan(no_grad_cycle, (z_H, z_L), None, length=config.H_cycles - 1,
+                                 unroll=_unroll(config.H_cycles - 1))
     z_H, z_L = jax.lax.stop_gradient((z_H, z_L))
   z_H, z_L = run_cycles(params, x_BxSxD, cos, sin, z_H, z_L)
   logits_BxSxV, q_Bx2 = apply(params, TRMNetwork.heads, z_H)
