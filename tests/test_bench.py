@@ -27,6 +27,8 @@ def test_bench_prints_one_json_line():
               "eval_batches_per_s", "peak_memory_bytes", "kernels", "device"):
     assert key in result, key
   assert result["train_steps_per_s"] > 0 and result["global_batch"] == 4 and result["seq_len"] == 16
+  assert abs(result["train_s_per_step"] * result["train_steps_per_s"] - 1) < 1e-9
+  assert result["train_process_cpu_s_per_step"] > 0
   assert result["train_mfu"] is None  # no known peak for a CPU
 
 

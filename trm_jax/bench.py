@@ -263,7 +263,11 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
     holder["state"], holder["carry"], metrics = compiled(holder["state"], holder["carry"], batch)
     return metrics
   jax.block_until_ready(one_step())  # warm-up
+  cpu0 = time.process_time()
   train_time = _time(one_step, num_steps)
+  # CPU seconds of this process per step: on a CPU backend shared with other
+  # jobs, steadier than the wall time (which counts the time others run).
+  train_cpu_time = (time.process_time() - cpu0) / num_steps
 
   flops = step_flops(model, global_batch)
   peak = peak_flops(jax.devices()[0])
@@ -274,6 +278,8 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "arch": model.arch, "H_cycles": model.H_cycles, "L_cycles": model.L_cycles, "L_layers": model.L_layers,
       "H_layers": model.H_layers, "mlp_t": model.mlp_t,
       "train_steps_per_s": 1.0 / train_time,
+      "train_s_per_step": train_time,
+      "train_process_cpu_s_per_step": train_cpu_time,
       "train_tokens_per_s": global_batch * seq_len / train_time,
       "train_flops_per_step": flops["train"],
       "train_mfu": (flops["train"] / train_time / (peak * mesh.size)) if peak else None,

@@ -8,6 +8,7 @@ value raises.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from kernels import attention as attention_lib
 from kernels import rms_norm as rms_norm_lib
@@ -40,3 +41,37 @@ def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, impl: str =
   if check_impl(impl) == "pallas":
     return swiglu_lib.swiglu(x, w_gate_up, w_down)
   return swiglu_lib.swiglu_reference(x, w_gate_up, w_down)
+
+
+def residual_rms_norm_axis0(x: jax.Array, residual: jax.Array, *, eps: float, impl: str = "xla") -> jax.Array:
+  """``residual_rms_norm`` over the FIRST axis (mlp_t's positions in a ``[S, B, D]`` layout).
+
+  With ``"xla"`` it reduces over axis 0 in place (XLA fuses the add, the
+  reduction and the scale; nothing is transposed); ``"pallas"`` (a last-axis
+  kernel) moves the axis last and back.
+  """
+  if check_impl(impl) == "pallas":
+    return jnp.moveaxis(rms_norm_lib.residual_rms_norm(jnp.moveaxis(x, 0, -1), jnp.moveaxis(residual, 0, -1),
+                                                       eps=eps), -1, 0)
+  h = (x + residual).astype(jnp.float32)
+  variance = jnp.mean(jnp.square(h), axis=0, keepdims=True)
+  return (h * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+
+
+def swiglu_axis0(x_WxN: jax.Array, w_gate_up_Wx2I: jax.Array, w_down_IxW: jax.Array, *,
+                 impl: str = "xla") -> jax.Array:
+  """``swiglu`` over the FIRST axis of ``x [W, N]``: ``swiglu(x.T, ...).T``, same numbers.
+
+  mlp_t mixes positions: with the activations laid out ``[S, B*D]`` this is
+  two plain matrix products whose weights are read transposed (``W.T @ x``,
+  a BLAS transpose flag, not a copy), and so are their gradients; the
+  ``[B, D, S]`` layout needed transposes of every activation around each
+  product, forward and backward. ``"pallas"`` (a last-axis kernel) transposes.
+  """
+  if check_impl(impl) == "pallas":
+    return swiglu_lib.swiglu(x_WxN.T, w_gate_up_Wx2I, w_down_IxW).T
+  dtype = x_WxN.dtype
+  contract_rows = (((0,), (0,)), ((), ()))
+  gate_up_2IxN = jax.lax.dot_general(w_gate_up_Wx2I.astype(dtype), x_WxN, contract_rows)
+  gate_IxN, up_IxN = jnp.split(gate_up_2IxN, 2, axis=0)
+  return jax.lax.dot_general(w_down_IxW.astype(dtype), jax.nn.silu(gate_IxN) * up_IxN, contract_rows)

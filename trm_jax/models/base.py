@@ -37,6 +37,19 @@ LOSS_TYPES = ("stablemax_cross_entropy", "softmax_cross_entropy")
 REMAT_POLICIES = ("none", "attention", "network")
 
 
+# Cycle loops up to this long are unrolled in the compiled program: XLA then
+# schedules and fuses across cycles, and the graded cycle's backward reads
+# each application's saved activations directly instead of stacking them in
+# scan buffers (copies). Longer loops stay rolled, to bound compile time.
+MAX_UNROLLED_CYCLES = 8
+
+
+def cycle_scan(body: Callable[[Any, None], tuple[Any, None]], init: Any, length: int) -> Any:
+  """``length`` applications of ``body`` as a ``jax.lax.scan`` (unrolled when short); the final carry."""
+  out, _ = jax.lax.scan(body, init, None, length=length, unroll=True if length <= MAX_UNROLLED_CYCLES else 1)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The fields every architecture reads, with the original's names (SPEC §10 defaults).

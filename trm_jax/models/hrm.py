@@ -45,7 +45,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
   def low_updates(z_H, z_L, count):
     def update(z_L, _):
       return f_L(params_ng, z_L, z_H + x_ng, cos, sin), None
-    z_L, _ = jax.lax.scan(update, z_L, None, length=count)
+    z_L = base.cycle_scan(update, z_L, count)
     return z_L
 
   def no_grad_cycle(carry, _):
@@ -54,7 +54,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
     return (f_H(params_ng, z_H, z_L, cos, sin), z_L), None
 
   if config.H_cycles > 1:
-    (z_H, z_L), _ = jax.lax.scan(no_grad_cycle, (z_H, z_L), None, length=config.H_cycles - 1)
+    (z_H, z_L) = base.cycle_scan(no_grad_cycle, (z_H, z_L), config.H_cycles - 1)
   if config.L_cycles > 1:
     z_L = low_updates(z_H, z_L, config.L_cycles - 1)
   z_H, z_L = jax.lax.stop_gradient((z_H, z_L))

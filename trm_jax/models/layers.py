@@ -68,16 +68,23 @@ def rope_tables(num_positions: int, head_dim: int, theta: float, dtype=jnp.float
 
 
 class SwiGLU(nn.Module):
-  """Bias-free SwiGLU over the last axis: (silu(g) * u) @ W_down, [g, u] = x @ W_gate_up."""
+  """Bias-free SwiGLU over the last axis: (silu(g) * u) @ W_down, [g, u] = x @ W_gate_up.
+
+  With ``over_first_axis`` it acts on the first axis of a 2-D ``[width, N]``
+  input instead (same parameters, same numbers; see ``ops.swiglu_axis0``).
+  """
   width: int
   expansion: float
   kernels: str = "xla"
+  over_first_axis: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     inter = swiglu_intermediate_size(self.width, self.expansion)
     w_gate_up_Wx2I = self.param("gate_up_proj", lecun_trunc_normal(self.width), (self.width, 2 * inter))
     w_down_IxW = self.param("down_proj", lecun_trunc_normal(inter), (inter, self.width))
+    if self.over_first_axis:
+      return ops.swiglu_axis0(x, w_gate_up_Wx2I, w_down_IxW, impl=self.kernels)
     return ops.swiglu(x, w_gate_up_Wx2I, w_down_IxW, impl=self.kernels)
 
 
@@ -110,7 +117,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Post-norm block: token mixing (attention or mlp_t), then the channel SwiGLU."""
+  """Post-norm block: token mixing (attention or mlp_t), then the channel SwiGLU.
+
+  The activations are ``[B, S, D]`` with attention and ``[S, B, D]`` with
+  mlp_t: the mixing over positions is then two plain matrix products on
+  ``[S, B*D]`` (no transposes, forward or backward), and the channel SwiGLU
+  and its RMSNorm act on the last axis either way. ``ReasoningModule``
+  changes the layout once per application of the network.
+  """
   hidden_size: int
   num_heads: int
   expansion: float
@@ -121,19 +135,21 @@ class Block(nn.Module):
   remat_attention: bool = False
 
   @nn.compact
-  def __call__(self, h_BxSxD: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
+  def __call__(self, h: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
     if self.mlp_t:
-      # Mix over positions: the SwiGLU and the RMSNorm act on the position axis.
-      t_BxDxS = jnp.swapaxes(h_BxSxD, 1, 2)
-      mixed = SwiGLU(self.num_positions, self.expansion, self.kernels, name="mlp_t")(t_BxDxS)
-      t_BxDxS = ops.residual_rms_norm(t_BxDxS, mixed, eps=self.rms_norm_eps, impl=self.kernels)
-      h_BxSxD = jnp.swapaxes(t_BxDxS, 1, 2)
+      # Mix over positions: the SwiGLU and the RMSNorm act on the position axis (the first).
+      h_SxBxD = h
+      seq, batch, dim = h_SxBxD.shape
+      mixed_SxN = SwiGLU(self.num_positions, self.expansion, self.kernels, over_first_axis=True,
+                         name="mlp_t")(h_SxBxD.reshape(seq, batch * dim))
+      h = ops.residual_rms_norm_axis0(h_SxBxD, mixed_SxN.reshape(seq, batch, dim), eps=self.rms_norm_eps,
+                                      impl=self.kernels)
     else:
       attn = Attention(self.hidden_size, self.num_heads, self.kernels, self.remat_attention,
-                       name="self_attn")(h_BxSxD, cos_SxK, sin_SxK)
-      h_BxSxD = ops.residual_rms_norm(h_BxSxD, attn, eps=self.rms_norm_eps, impl=self.kernels)
-    mlp = SwiGLU(self.hidden_size, self.expansion, self.kernels, name="mlp")(h_BxSxD)
-    return ops.residual_rms_norm(h_BxSxD, mlp, eps=self.rms_norm_eps, impl=self.kernels)
+                       name="self_attn")(h, cos_SxK, sin_SxK)
+      h = ops.residual_rms_norm(h, attn, eps=self.rms_norm_eps, impl=self.kernels)
+    mlp = SwiGLU(self.hidden_size, self.expansion, self.kernels, name="mlp")(h)
+    return ops.residual_rms_norm(h, mlp, eps=self.rms_norm_eps, impl=self.kernels)
 
 
 class ReasoningModule(nn.Module):
@@ -156,8 +172,14 @@ class ReasoningModule(nn.Module):
                cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
     if inj_BxSxD is not None:
       h_BxSxD = h_BxSxD + inj_BxSxD
+    if self.mlp_t:
+      # mlp_t blocks work in [S, B, D] (see Block): one layout change here
+      # and one back, instead of transposes around every mixing product.
+      h_BxSxD = jnp.swapaxes(h_BxSxD, 0, 1)
     for i in range(self.num_layers):
       h_BxSxD = Block(self.hidden_size, self.num_heads, self.expansion, self.mlp_t, self.num_positions,
                       self.rms_norm_eps, self.kernels, self.remat_attention,
                       name=f"layers_{i}")(h_BxSxD, cos_SxK, sin_SxK)
+    if self.mlp_t:
+      h_BxSxD = jnp.swapaxes(h_BxSxD, 0, 1)
     return h_BxSxD

@@ -2,8 +2,8 @@
 
 ``recursion`` is the pure function of one supervision step: ``H_cycles - 1``
 cycles under ``stop_gradient`` and one with gradient, each cycle
-``L_cycles`` latent updates and one answer update, all as ``jax.lax.scan``
-so the step compiles to a small program whatever the cycle counts.
+``L_cycles`` latent updates and one answer update, as ``jax.lax.scan`` loops
+(unrolled when short, ``base.MAX_UNROLLED_CYCLES``).
 
 The puzzle embedding table is *not* a dense parameter: it has its own
 optimiser (sparse SignSGD), is sharded by rows, and is far larger than the
@@ -49,7 +49,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
     """One H cycle: L_cycles latent updates, then one answer update."""
     def latent_update(z_L, _):
       return f(p, z_L, z_H + x_BxSxD, cos, sin), None
-    z_L, _ = jax.lax.scan(latent_update, z_L, None, length=config.L_cycles)
+    z_L = base.cycle_scan(latent_update, z_L, config.L_cycles)
     z_H = f(p, z_H, z_L, cos, sin)
     return z_H, z_L
 
@@ -63,7 +63,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
 
     def no_grad_cycle(carry, _):
       return run_cycle(params_ng, x_ng, cos, sin, *carry), None
-    (z_H, z_L), _ = jax.lax.scan(no_grad_cycle, (z_H, z_L), None, length=config.H_cycles - 1)
+    (z_H, z_L) = base.cycle_scan(no_grad_cycle, (z_H, z_L), config.H_cycles - 1)
     z_H, z_L = jax.lax.stop_gradient((z_H, z_L))
   z_H, z_L = run_cycle(params, x_BxSxD, cos, sin, z_H, z_L)
   logits_BxSxV, q_Bx2 = base.heads(net, params, z_H)

@@ -61,7 +61,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
 
     def no_grad_cycle(carry, _):
       return run_cycle(params_ng, x_ng, cos, sin, *carry), None
-    (z_H, zs), _ = jax.lax.scan(no_grad_cycle, (z_H, zs), None, length=config.H_cycles - 1)
+    (z_H, zs) = base.cycle_scan(no_grad_cycle, (z_H, zs), config.H_cycles - 1)
     z_H, zs = jax.lax.stop_gradient((z_H, zs))
   z_H, zs = run_cycle(params, x_BxSxD, cos, sin, z_H, zs)
   logits_BxSxV, q_Bx2 = base.heads(net, params, z_H)

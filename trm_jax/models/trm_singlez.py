@@ -32,7 +32,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
     def update(z, _):
       # The original adds x before the network; f(z, x) adds it first too.
       return f(p, z, x_BxSxD, cos, sin), None
-    z, _ = jax.lax.scan(update, z, None, length=config.L_cycles)
+    z = base.cycle_scan(update, z, config.L_cycles)
     return f(p, z, None, cos, sin)
 
   x_BxSxD, cos, sin = base.prepare(net, params, inputs_BxS, puzzle_rows_BxE)
@@ -42,7 +42,7 @@ def recursion(config: base.ModelConfig, params: Mapping[str, Any], latents: Mapp
 
     def no_grad_cycle(z, _):
       return run_cycle(params_ng, x_ng, cos, sin, z), None
-    z, _ = jax.lax.scan(no_grad_cycle, z, None, length=config.H_cycles - 1)
+    z = base.cycle_scan(no_grad_cycle, z, config.H_cycles - 1)
     z = jax.lax.stop_gradient(z)
   z = run_cycle(params, x_BxSxD, cos, sin, z)
   logits_BxSxV, q_Bx2 = base.heads(net, params, z)
