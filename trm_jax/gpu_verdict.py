@@ -393,7 +393,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--orig", default=str(REPO_ROOT / ".orig"), help="copy of the original's repository")
   p.add_argument("--torch_python", default=sys.executable, help="Python that has torch (default: this one)")
   p.add_argument("--torch_compile", type=int, default=None, help="torch.compile the original (default 1; smoke 0)")
-  p.add_argument("--golden_dir", default="", help="golden files (default .shared/golden, else ../shared/golden)")
+  p.add_argument("--golden_dir", default="", help="golden files (default: tests/golden, shipped in the repository)")
   p.add_argument("--golden_files", default="", help="only these files of --golden_dir, comma-separated")
   p.add_argument("--golden_workers", type=int, default=0, help="golden processes at once (default 4; smoke 1)")
   p.add_argument("--kernel_runner", choices=("auto", "pytest", "plain"), default="auto",
@@ -419,9 +419,7 @@ def main(argv: list[str] | None = None) -> int:
   if smoke and not args.golden_files:
     args.golden_files = "stablemax_ce.npz,adam_atan2.npz"
   if not args.golden_dir:
-    carried = REPO_ROOT / ".shared" / "golden"
-    shared = pathlib.Path(os.environ.get("TRM_SHARED_DIR", REPO_ROOT.parent / "shared")) / "golden"
-    args.golden_dir = str(carried if carried.is_dir() else shared)
+    args.golden_dir = str(REPO_ROOT / "tests" / "golden")
   if args.golden_workers < 1 or args.steps < 1 or args.torch_steps < 1 or args.budget_s <= 0:
     print("error: --golden_workers, --steps, --torch_steps and --budget_s must be positive", file=sys.stderr)
     return 2

@@ -444,13 +444,13 @@ def _train(run: Run) -> dict[str, Any]:
       out_shardings=(layout.state_shardings, layout.carry_shardings, sharding.replicated(run.mesh)),
       donate_argnums=(0, 1))
   eval_fn = make_eval_fn(run, layout)
-  monitor = monitor_lib.Monitor(run.workdir, total_steps=run.total_steps, enabled=is_main,
-                                tensorboard=config.tensorboard)
-
   step = int(jax.device_get(state.step))
   stop_at = run.total_steps if not config.max_steps else min(run.total_steps, config.max_steps)
   already_complete = (latest is not None and meta["iteration"] >= run.total_iters
                       and not meta.get("eval_pending") and meta.get("evaluated_step") == step)
+  # A finished run re-run writes nothing, not even an empty TensorBoard event file.
+  monitor = monitor_lib.Monitor(run.workdir, total_steps=run.total_steps, enabled=is_main,
+                                tensorboard=config.tensorboard and not already_complete)
   summary: dict[str, Any] = {"start_step": step, "total_steps": run.total_steps, "stopped_by": None,
                              "last_eval": None}
   if already_complete and meta.get("evaluated_step") is not None:
