@@ -202,7 +202,8 @@ class Checkpointer:
     self._latest_steps = set(self.latest.all_steps()) - set(bad["checkpoints"])
     best_steps = sorted(set(self.best.all_steps()) - set(bad["best"])) if self.best is not None else []
     self._best_step = best_steps[-1] if best_steps else None
-    self._superseded_best = best_steps[:-1]
+    # Only a training run (repair) removes older best steps: eval, predict and export only read.
+    self._superseded_best = best_steps[:-1] if repair else []
 
   def _check(self, name: str, repair: bool) -> list[int]:
     """Process 0: the damaged steps of ``<workdir>/<name>`` newer than its newest intact one."""
