@@ -161,9 +161,9 @@ def _best_time(fn, iters: int, repeats: int = 3) -> tuple[float, Any]:
   return best, first
 
 
-def _measure(case: Case, impl: Callable, part: str, iters: int) -> tuple[float, jax.Array]:
-  """(seconds per call of the forward (``fwd``) or forward plus backward
-  (``fwd_bwd``), the forward output)."""
+def differentiable_forward(case: Case, impl: Callable) -> tuple[Callable, list[jax.Array]]:
+  """``(forward, arrays)``: ``impl`` on the case's arguments as a function of the
+  differentiable ones only (the first ``num_diff`` that are not None), and those."""
   args = case.args
   diff = [i for i, a in enumerate(args[:case.num_diff or len(args)]) if a is not None]
 
@@ -173,7 +173,14 @@ def _measure(case: Case, impl: Callable, part: str, iters: int) -> tuple[float, 
       full[i] = a
     return impl(*full)
 
-  arrays = [args[i] for i in diff]
+  return forward, [args[i] for i in diff]
+
+
+def _measure(case: Case, impl: Callable, part: str, iters: int) -> tuple[float, jax.Array]:
+  """(seconds per call of the forward (``fwd``) or forward plus backward
+  (``fwd_bwd``), the forward output)."""
+  args = case.args
+  forward, arrays = differentiable_forward(case, impl)
   if part == "fwd":
     fn = jax.jit(forward)
     return _best_time(lambda: fn(*arrays), iters)

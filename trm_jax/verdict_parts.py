@@ -199,16 +199,8 @@ def _plain_op_checks(spec: dict, out: pathlib.Path) -> dict:
       row = {"case": case.name, "shape": case.shape, "config": check["config"]}
       start = time.perf_counter()
       try:
-        args = case.args
-        diff = [i for i, a in enumerate(args[:case.num_diff or len(args)]) if a is not None]
-
-        def vjp_of(impl: Callable, args=args, diff=diff):
-          def forward(*arrays):
-            full = list(args)
-            for i, a in zip(diff, arrays):
-              full[i] = a
-            return impl(*full)
-          arrays = [args[i] for i in diff]
+        def vjp_of(impl: Callable, case=case):
+          forward, arrays = bench_kernels.differentiable_forward(case, impl)
           out_shape = jax.eval_shape(forward, *arrays)
           cotangent = jax.random.normal(jax.random.key(7), out_shape.shape, jnp.float32).astype(out_shape.dtype)
 
