@@ -144,21 +144,23 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
   sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
-  from trm_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from trm_jax import errors, inference, runs, train
+  # pylint: enable=g-import-not-at-top
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:
-    train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    runs.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == "eval":
-      train.evaluate_checkpoint(FLAGS.config, workdir, checkpoint=FLAGS.checkpoint)
+      inference.evaluate_checkpoint(FLAGS.config, workdir, checkpoint=FLAGS.checkpoint)
     elif FLAGS.mode == "export":
-      train.export_weights(FLAGS.config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint)
+      inference.export_weights(FLAGS.config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint)
     else:
       if not FLAGS.input:
-        raise train.UserError("--mode=predict needs --input=<ARC challenges JSON>")
-      train.predict(FLAGS.config, workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint)
-  except train.USER_ERRORS as e:
+        raise errors.UserError("--mode=predict needs --input=<ARC challenges JSON>")
+      inference.predict(FLAGS.config, workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint)
+  except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -56,6 +56,7 @@ import numpy as np
 
 from data_prep import augment
 from data_prep import common
+from trm_jax import errors
 
 GRID_SIZE = 30
 SEQ_LEN = GRID_SIZE * GRID_SIZE
@@ -73,7 +74,7 @@ SET_NAME = "all"
 DUMMY_OUTPUT = [[0]]
 
 
-class ArcDataError(ValueError):
+class ArcDataError(errors.UserError, ValueError):
   """The ARC input files or the build flags are not what the builder needs."""
 
 

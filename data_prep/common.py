@@ -44,6 +44,7 @@ import zipfile
 from typing import Any, Sequence
 
 import numpy as np
+from trm_jax import errors
 
 FORMAT_NAME = "trm-jax/array_record/v1"
 METADATA_FILE = "dataset.json"
@@ -58,7 +59,7 @@ IGNORE_LABEL = -100
 RAW_DATA_DIR = pathlib.Path(__file__).resolve().parent / "raw"
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(errors.UserError, ValueError):
   """A dataset directory or file does not hold what the format requires."""
 
 

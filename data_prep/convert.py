@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from data_prep import common
+from trm_jax import errors
 
 ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 INDEX_DTYPE = np.dtype("<i4")
@@ -50,7 +51,7 @@ TOP_LEVEL_FILES = (common.IDENTIFIERS_FILE, common.TEST_PUZZLES_FILE)
 CHUNK_EXAMPLES = 16384
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError, ValueError):
   """A dataset to convert is missing files or holds malformed ones."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from data_prep import augment
 from data_prep import common
+from trm_jax import errors
 
 CHARSET = "# SGo"
 PAD, WALL, OPEN, START, GOAL, PATH = range(6)
@@ -57,7 +58,7 @@ _TOKEN_TO_CHAR = np.frombuffer(("?" + CHARSET).encode(), np.uint8)
 _DIRS = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], np.int64)
 
 
-class InputError(ValueError):
+class InputError(errors.UserError, ValueError):
   """Bad user input (a file, a row, a flag); the CLI prints it on one line."""
 
 

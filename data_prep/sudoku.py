@@ -47,6 +47,7 @@ import numpy as np
 
 from data_prep import common
 from data_prep import sudoku_solver
+from trm_jax import errors
 
 SEQ_LEN = 81
 VOCAB_SIZE = 11  # PAD + blank + digits 1..9
@@ -57,7 +58,7 @@ TRANSPOSE_81 = np.arange(81).reshape(9, 9).T.reshape(-1)
 MAX_WARNINGS_SHOWN = 10
 
 
-class InputError(ValueError):
+class InputError(errors.UserError, ValueError):
   """Bad user input (a file, a row, a flag); the CLI prints it on one line."""
 
 

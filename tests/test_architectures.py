@@ -19,8 +19,10 @@ import pytest
 
 from trm_jax import act
 from trm_jax import checkpoint as checkpoint_lib
+from trm_jax import inference
 from trm_jax import losses
 from trm_jax import models
+from trm_jax import runs
 from trm_jax import train
 from trm_jax import weights
 from trm_jax.models import base
@@ -83,8 +85,8 @@ def test_train_resume_export_round_trip(arch, data, tmp_path):
     train.train_and_evaluate(run_config(data, other), tmp_path / "full")
 
   # Export: the original's names (the EMA copy, quickstart has EMA on), and back.
-  path = train.export_weights(run_config(data, arch), tmp_path / "full", tmp_path / "weights.npz")
-  run = train.setup(run_config(data, arch), tmp_path / "full", need_train=False)
+  path = inference.export_weights(run_config(data, arch), tmp_path / "full", tmp_path / "weights.npz")
+  run = runs.setup(run_config(data, arch), tmp_path / "full", need_train=False)
   with np.load(path) as z:
     exported = {k: z[k] for k in z.files}
   assert set(exported) == set(weights.original_names(run.model)) | {weights.PUZZLE_EMB_NAME}

@@ -31,8 +31,10 @@ import pytest
 import shared_paths
 import torch_zip_util
 from torch_zip_util import Call
+from trm_jax import errors
 from trm_jax import golden
 from trm_jax import init_weights
+from trm_jax import runs
 from trm_jax import torch_checkpoint
 from trm_jax import train
 from trm_jax import weights
@@ -345,7 +347,7 @@ def _original_checkpoint(config, path, extra_rows=3):
   rounded first so that their float32 values are exact.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  run = train.setup(config, path.parent / "probe")
+  run = runs.setup(config, path.parent / "probe")
   params = jax.tree.map(np.asarray, trm.init_params(run.model, jax.random.key(7)))
   rng = np.random.default_rng(0)
   table = rng.standard_normal((run.model.num_puzzle_identifiers + extra_rows, run.model.puzzle_emb_ndim))
@@ -387,7 +389,7 @@ def test_a_bad_checkpoint_is_a_one_line_user_error(sudoku_small, tmp_path):
                                           np.zeros((4, 4), np.float32)})
   for path, expected in ((evil, "refused pickle global os.system"), (other, "inner.H_level.layers.0")):
     config = tiny_config(sudoku_small, epochs=2, eval_interval=2, init_weights=str(path))
-    with pytest.raises(train.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
       train.train_and_evaluate(config, tmp_path / f"run_{path.stem}")
     one_line_error(e, path, expected)
-    assert isinstance(e.value, train.USER_ERRORS)
+    assert isinstance(e.value, errors.UserError)

@@ -29,8 +29,9 @@ import pytest
 import shared_paths
 from configs import quickstart
 from trm_jax import act
+from trm_jax import errors
 from trm_jax import losses
-from trm_jax import train
+from trm_jax import runs
 from trm_jax import weights
 from trm_jax.models import layers
 from trm_jax.models import trm
@@ -124,8 +125,8 @@ def test_float64_error_through_the_trainer_names_the_key():
   config.model.forward_dtype = "float64"
   metadata = type("Metadata", (), dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1))()
   with jax.enable_x64(False):
-    with pytest.raises(train.UserError, match=r"^config\.model\.forward_dtype='float64' needs 64-bit JAX"):
-      train.model_config(config, metadata)
+    with pytest.raises(errors.UserError, match=r"^config\.model\.forward_dtype='float64' needs 64-bit JAX"):
+      runs.model_config(config, metadata)
 
 
 def test_float64_is_an_xla_mode():

@@ -26,6 +26,8 @@ from data_prep import common
 from test_train import tiny_config
 from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import data as data_lib
+from trm_jax import errors
+from trm_jax import inference
 from trm_jax import integrity
 from trm_jax import train
 from trm_jax import workdir as workdir_lib
@@ -204,7 +206,7 @@ def test_failed_evaluation_keeps_the_training_and_is_redone_on_resume(reference,
   good = test_shard.read_bytes()
   _garble(test_shard, 100, 2000)
   workdir = tmp_path / "run"
-  with pytest.raises(train.USER_ERRORS, match=str(test_shard)):
+  with pytest.raises(errors.UserError, match=str(test_shard)):
     train.train_and_evaluate(config(data, checkpoint_every_steps=0), workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False, read_only=True)
   assert ckpt.latest_step() == 3  # the first pass, saved before its evaluation failed
@@ -267,7 +269,7 @@ def test_failed_save_stops_at_once_and_keeps_the_last_good_checkpoint(dataset, t
     train.train_and_evaluate(config(dataset, checkpoint_every_steps=1), workdir)
   assert time.monotonic() - start < 120
   message = str(info.value)
-  assert "\n" not in message and isinstance(info.value, train.USER_ERRORS)
+  assert "\n" not in message and isinstance(info.value, errors.UserError)
   assert f"could not save checkpoint 2 in {workdir / 'checkpoints'}: No space left on device" in message
   assert "the last good checkpoint is step 1" in message
   steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
@@ -335,21 +337,21 @@ def test_unusable_workdir_is_one_line(dataset, tmp_path, monkeypatch, case):
                 + ("it is on a read-only filesystem" if case == "read_only" else "it is not writable"))
   with pytest.raises(workdir_lib.WorkdirError) as info:
     train.train_and_evaluate(config(dataset), workdir)
-  assert str(info.value).startswith(expected) and isinstance(info.value, train.USER_ERRORS)
+  assert str(info.value).startswith(expected) and isinstance(info.value, errors.UserError)
   if case in ("read_only", "immutable"):
     assert list(workdir.iterdir()) == []
 
 
 def test_eval_on_a_missing_workdir_creates_nothing(dataset, tmp_path):
-  with pytest.raises(train.UserError, match="does not exist"):
-    train.evaluate_checkpoint(config(dataset), tmp_path / "missing")
+  with pytest.raises(errors.UserError, match="does not exist"):
+    inference.evaluate_checkpoint(config(dataset), tmp_path / "missing")
   assert not (tmp_path / "missing").exists()
 
 
 def test_export_output_under_a_file(reference, dataset, tmp_path):
   (tmp_path / "f").write_text("x")
-  with pytest.raises(train.UserError, match=f"--output {tmp_path / 'f' / 'w.npz'}: cannot write it"):
-    train.export_weights(config(dataset), reference[0], tmp_path / "f" / "w.npz")
+  with pytest.raises(errors.UserError, match=f"--output {tmp_path / 'f' / 'w.npz'}: cannot write it"):
+    inference.export_weights(config(dataset), reference[0], tmp_path / "f" / "w.npz")
 
 
 def test_resume_on_a_dataset_of_other_shapes(reference, dataset, tmp_path):
@@ -379,7 +381,7 @@ def test_resume_with_another_H_cycles_is_refused_unless_allowed(reference, datas
 
 
 def test_empty_data_path_is_a_user_error(tmp_path):
-  with pytest.raises(train.UserError, match="config.data_path is empty"):
+  with pytest.raises(errors.UserError, match="config.data_path is empty"):
     train.train_and_evaluate(config(""), tmp_path / "run")
   assert not (tmp_path / "run").exists()
 

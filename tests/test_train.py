@@ -15,6 +15,9 @@ import pytest
 import shared_paths
 from data_prep import common
 from trm_jax import checkpoint as checkpoint_lib
+from trm_jax import errors
+from trm_jax import inference
+from trm_jax import runs
 from trm_jax import train
 
 REPO = shared_paths.REPO_ROOT
@@ -40,7 +43,7 @@ def test_configs_load_and_are_locked(path, arg):
   metadata = common.DatasetMetadata(seq_len=81, vocab_size=11, pad_id=0, ignore_label_id=0, blank_identifier_id=0,
                                     num_puzzle_identifiers=3, total_groups=10, mean_puzzle_examples=1.0,
                                     total_puzzles=10, sets=["all"])
-  model = train.model_config(config, metadata)
+  model = runs.model_config(config, metadata)
   assert model.puzzle_emb_ndim == model.hidden_size  # tied by a reference in default.py
   assert config.epochs % config.eval_interval == 0
 
@@ -184,11 +187,11 @@ def test_resume_is_bit_identical(full_run, sudoku_data, tmp_path):
 
 def test_eval_mode_on_saved_checkpoint(full_run, sudoku_data):
   workdir, summary = full_run
-  results = train.evaluate_checkpoint(tiny_config(sudoku_data), workdir, checkpoint="latest")
+  results = inference.evaluate_checkpoint(tiny_config(sudoku_data), workdir, checkpoint="latest")
   assert results == pytest.approx(summary["last_eval"])
   assert (workdir / "eval" / f"ckpt_{summary['end_step']}" / "results.json").is_file()
-  with pytest.raises(train.UserError, match="no checkpoint at step 12345"):
-    train.evaluate_checkpoint(tiny_config(sudoku_data), workdir, checkpoint="12345")
+  with pytest.raises(errors.UserError, match="no checkpoint at step 12345"):
+    inference.evaluate_checkpoint(tiny_config(sudoku_data), workdir, checkpoint="12345")
 
 
 def test_incompatible_checkpoint_is_refused(full_run, sudoku_data):
@@ -215,16 +218,16 @@ def test_latest_and_best_managers_never_share_barrier_names(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sudoku_data, tmp_path):
   # An absurd learning rate: the first update makes the weights overflow.
   config = tiny_config(sudoku_data, lr=1e36, lr_warmup_steps=1000, checkpoint_every_steps=1)
-  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
+  with pytest.raises(errors.NonFiniteLossError, match=r"at step (\d+)") as info:
     train.train_and_evaluate(config, tmp_path)
   bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
   latest = checkpoint_lib.Checkpointer(tmp_path, async_save=False).latest_step()
   assert latest is not None and latest < bad_step
   assert f"the latest checkpoint (step {latest}) is the last good state" in str(info.value)
-  assert isinstance(info.value, train.USER_ERRORS)  # launch.py: one line, exit status 2
+  assert isinstance(info.value, errors.UserError)  # launch.py: one line, exit status 2
   # Before any checkpoint (the message used to say "the latest checkpoint (None)").
   config.checkpoint_every_steps = 0
-  with pytest.raises(train.NonFiniteLossError, match="no checkpoint was saved before it"):
+  with pytest.raises(errors.NonFiniteLossError, match="no checkpoint was saved before it"):
     train.train_and_evaluate(config, tmp_path / "none")
 
 
@@ -239,19 +242,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sudoku_data, tmp_p
     ({"evaluators": "arc,sudoku"}, "unknown"),
 ])
 def test_bad_config_errors(sudoku_data, tmp_path, overrides, message):
-  with pytest.raises(train.USER_ERRORS, match=message):
+  with pytest.raises(errors.UserError, match=message):
     train.train_and_evaluate(tiny_config(sudoku_data, **overrides), tmp_path)
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_missing_and_malformed_dataset(tmp_path, sudoku_data):
-  with pytest.raises(train.UserError, match="does not exist"):
-    train.setup(tiny_config(tmp_path / "nowhere"), tmp_path / "run")
+  with pytest.raises(errors.UserError, match="does not exist"):
+    runs.setup(tiny_config(tmp_path / "nowhere"), tmp_path / "run")
   broken = tmp_path / "broken"
   (broken / "train").mkdir(parents=True)
   (broken / "train" / "dataset.json").write_text("{not json")
-  with pytest.raises(train.UserError, match="invalid JSON"):
-    train.setup(tiny_config(broken), tmp_path / "run")
+  with pytest.raises(errors.UserError, match="invalid JSON"):
+    runs.setup(tiny_config(broken), tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +346,7 @@ def test_predict_writes_a_valid_submission(arc_run, tmp_path):
   out = tmp_path / "submission.json"
   config = config.copy_and_resolve_references()
   config.ttt.steps = 0  # the new puzzle gets the blank embedding (tests/test_ttt.py trains it)
-  summary = train.predict(config, root / "run", tmp_path / "slice_challenges.json", out)
+  summary = inference.predict(config, root / "run", tmp_path / "slice_challenges.json", out)
   assert summary["unknown_puzzles"] == 1 and summary["puzzles"] == 4
   assert "ARC/pass@2" in summary
   submission = json.loads(out.read_text())
@@ -361,8 +364,8 @@ def test_predict_rejects_bad_input(arc_run, tmp_path):
   root, config, _ = arc_run
   bad = tmp_path / "bad_challenges.json"
   bad.write_text('{"abc": {"train": [{"input": [[1, 12]], "output": [[1]]}], "test": [{"input": [[0]]}]}}')
-  with pytest.raises(train.UserError, match=r"abc.*colour 12"):
-    train.predict(config, root / "run", bad, tmp_path / "out.json")
+  with pytest.raises(errors.UserError, match=r"abc.*colour 12"):
+    inference.predict(config, root / "run", bad, tmp_path / "out.json")
 
 
 def test_out_of_memory_is_a_user_error_with_advice(sudoku_data, tmp_path, monkeypatch):
@@ -375,7 +378,7 @@ def test_out_of_memory_is_a_user_error_with_advice(sudoku_data, tmp_path, monkey
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB")
     return failing
   monkeypatch.setattr(steps, "make_train_step", make_train_step)
-  with pytest.raises(train.UserError) as info:
+  with pytest.raises(errors.UserError) as info:
     train.train_and_evaluate(tiny_config(sudoku_data), tmp_path)
   message = str(info.value)
   assert "out of device memory at global_batch_size=16" in message

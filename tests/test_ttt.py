@@ -10,6 +10,8 @@ import pytest
 import shared_paths
 from data_prep import common
 from trm_jax import checkpoint as checkpoint_lib
+from trm_jax import errors
+from trm_jax import inference
 from trm_jax import state as state_lib
 from trm_jax import train
 from trm_jax import ttt
@@ -34,7 +36,7 @@ def test_extend_puzzle_table_keeps_rows_and_adds_the_mean_of_the_trained_ones():
 def test_settings_are_checked_and_split_into_phases():
   config = tiny_config("unused")
   config.ttt.mode = "everything"
-  with pytest.raises(train.UserError, match=r"config\.ttt\.mode='everything': expected one of"):
+  with pytest.raises(errors.UserError, match=r"config\.ttt\.mode='everything': expected one of"):
     ttt.settings(config)
   config.ttt.mode = "embeddings_then_all"
   config.ttt.steps, config.ttt.switch_fraction = 10, 0.3
@@ -45,7 +47,7 @@ def test_settings_are_checked_and_split_into_phases():
   config.ttt.mode, config.ttt.steps = "all", 0
   assert ttt.phases(ttt.settings(config)) == []
   config.ttt.steps = -1
-  with pytest.raises(train.UserError, match=r"config\.ttt\.steps=-1"):
+  with pytest.raises(errors.UserError, match=r"config\.ttt\.steps=-1"):
     ttt.settings(config)
 
 
@@ -104,7 +106,7 @@ def blank_prediction(arc_run, tmp_path_factory):
   """steps=0: today's predict (the new puzzles get the blank embedding)."""
   root, config, _ = arc_run
   out = tmp_path_factory.mktemp("blank") / "submission.json"
-  summary = train.predict(ttt_config(config, steps=0), root / "run", root / "x_challenges.json", out)
+  summary = inference.predict(ttt_config(config, steps=0), root / "run", root / "x_challenges.json", out)
   return summary, out
 
 
@@ -126,7 +128,7 @@ def test_ttt_learns_the_new_puzzles_demonstrations(arc_run, blank_prediction, tm
   (tmp_path / "tmp").mkdir()
   before = run_dir_snapshot(root / "run")
   out = tmp_path / "submission.json"
-  summary = train.predict(ttt_config(config), root / "run", root / "x_challenges.json", out)
+  summary = inference.predict(ttt_config(config), root / "run", root / "x_challenges.json", out)
   report = summary["ttt"]
   assert report["puzzles"] == NEW and report["steps"] == 4 and report["stopped_by"] is None
   demo_before, demo_after = report["demonstrations_before"], report["demonstrations_after"]
@@ -150,7 +152,7 @@ def test_ttt_learns_the_new_puzzles_demonstrations(arc_run, blank_prediction, tm
 def test_time_budget_stops_training_to_vote(arc_run, tmp_path):
   root, config, challenges = arc_run
   out = tmp_path / "submission.json"
-  summary = train.predict(ttt_config(config, time_budget_s=1.0), root / "run", root / "x_challenges.json", out)
+  summary = inference.predict(ttt_config(config, time_budget_s=1.0), root / "run", root / "x_challenges.json", out)
   assert summary["ttt"]["steps"] == 0 and summary["ttt"]["stopped_by"] == "time_budget"
   check_submission(out, challenges)
 
@@ -171,19 +173,19 @@ def test_bad_challenges_are_one_line_errors_that_change_nothing(arc_run, tmp_pat
   bad = tmp_path / "bad_challenges.json"
   bad.write_text(content)
   before = run_dir_snapshot(root / "run")
-  with pytest.raises(train.UserError, match=message) as info:
-    train.predict(ttt_config(config), root / "run", bad, tmp_path / "out.json")
+  with pytest.raises(errors.UserError, match=message) as info:
+    inference.predict(ttt_config(config), root / "run", bad, tmp_path / "out.json")
   assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)
   assert run_dir_snapshot(root / "run") == before and not (tmp_path / "out.json").exists()
 
 
 def test_missing_input_and_another_architecture(arc_run, tmp_path):
   root, config, _ = arc_run
-  with pytest.raises(train.UserError, match="absent_challenges.json: challenges file not found"):
-    train.predict(ttt_config(config), root / "run", tmp_path / "absent_challenges.json")
+  with pytest.raises(errors.UserError, match="absent_challenges.json: challenges file not found"):
+    inference.predict(ttt_config(config), root / "run", tmp_path / "absent_challenges.json")
   other = ttt_config(config)
   other.model.hidden_size = 64
   before = run_dir_snapshot(root / "run")
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match=r"model\.hidden_size: checkpoint 32, config 64"):
-    train.predict(other, root / "run", root / "x_challenges.json", tmp_path / "out.json")
+    inference.predict(other, root / "run", root / "x_challenges.json", tmp_path / "out.json")
   assert run_dir_snapshot(root / "run") == before and not (tmp_path / "out.json").exists()

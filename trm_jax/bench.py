@@ -120,7 +120,7 @@ def model_for(config, *, seq_len: int = 0, vocab_size: int = 0, num_puzzle_ident
   """The model config the benchmarks time: the dataset's sizes when ``data_path``
   holds one, else the given ones (0: ARC's 900 tokens, vocabulary 12, 1000 ids)."""
   from data_prep import common  # pylint: disable=g-import-not-at-top
-  from trm_jax import train  # pylint: disable=g-import-not-at-top
+  from trm_jax import runs  # pylint: disable=g-import-not-at-top
   split = pathlib.Path(config.data_path) / "train"
   if config.data_path and (split / common.METADATA_FILE).is_file():
     meta = common.load_split(split).metadata
@@ -130,7 +130,7 @@ def model_for(config, *, seq_len: int = 0, vocab_size: int = 0, num_puzzle_ident
   metadata = common.DatasetMetadata(seq_len=seq_len, vocab_size=vocab_size, pad_id=0, ignore_label_id=0,
                                     blank_identifier_id=0, num_puzzle_identifiers=num_ids, total_groups=1,
                                     mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
-  return train.model_config(config, metadata)
+  return runs.model_config(config, metadata)
 
 
 def _setup(config, *, batch_per_device: int = 0, seq_len: int = 0, vocab_size: int = 0,
@@ -334,7 +334,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from trm_jax import train  # pylint: disable=g-import-not-at-top
+  from trm_jax import errors, runs  # pylint: disable=g-import-not-at-top
   dims = dict(seq_len=FLAGS.seq_len, vocab_size=FLAGS.vocab_size,
               num_puzzle_identifiers=FLAGS.num_puzzle_identifiers)
   run = lambda batch: benchmark(FLAGS.config, batch_per_device=batch, num_steps=FLAGS.steps,
@@ -370,12 +370,12 @@ def main(argv):
           break
         except Exception as e:  # pylint: disable=broad-except
           # The estimate ignores fragmentation: step down until it runs.
-          if not train.is_out_of_memory(e) or batch <= FLAGS.batch_granularity:
+          if not runs.is_out_of_memory(e) or batch <= FLAGS.batch_granularity:
             raise
           log(f"batch_per_device={batch} ran out of memory; trying {batch - FLAGS.batch_granularity}")
           batch -= FLAGS.batch_granularity
       result["max_batch_search"] = {**search, "batch_per_device": batch}
-  except (train.UserError, ValueError) as e:
+  except (errors.UserError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(result), flush=True)

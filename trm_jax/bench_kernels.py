@@ -280,7 +280,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from trm_jax import bench, train  # pylint: disable=g-import-not-at-top
+  from trm_jax import bench, errors  # pylint: disable=g-import-not-at-top
   unknown = [op for op in FLAGS.ops if op not in OPS]
   if unknown:
     print(f"error: --ops: unknown {unknown}; expected some of {list(OPS)}", file=sys.stderr)
@@ -288,7 +288,7 @@ def main(argv):
   config = FLAGS.config
   try:
     model = bench.model_for(config, seq_len=FLAGS.seq_len)
-  except (train.UserError, ValueError) as e:
+  except (errors.UserError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   batch = FLAGS.batch_per_device or max(1, config.global_batch_size // jax.device_count())

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from trm_jax import errors
 from trm_jax import integrity
 
 ITEMS = ("state", "carry", "data", "meta", "evaluators")
@@ -43,7 +44,7 @@ STRUCTURAL_KEYS = (
 )
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.UserError, ValueError):
   """The checkpoint was written by a config this run cannot continue."""
 
 
@@ -111,7 +112,7 @@ def _restore_args(abstract_tree: Any, relaxed_shape: bool = False) -> Any:
   return jax.tree.map(args, abstract_tree)
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(errors.UserError, OSError):
   """A checkpoint could not be written (an unwritable directory, a full disk)."""
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from trm_jax.errors import UserError
+
 BUILDERS = ("sudoku", "maze", "arc")
 
 
@@ -31,18 +33,18 @@ def build(kind: str, output_dir: pathlib.Path, args: dict[str, Any]) -> None:
                for name in args.pop("subsets", ("training", "evaluation", "concept"))]
     arc.build_arc_dataset(subsets, args.pop("test_set_name", "evaluation"), output_dir, **args)
   else:
-    raise ValueError(f"data_build={kind!r}: expected one of {BUILDERS}")
+    raise UserError(f"data_build={kind!r}: expected one of {BUILDERS}")
 
 
 def ensure_dataset(config: Any) -> pathlib.Path:
   """``config.data_path``, built first by ``config.data_build`` if it does not exist."""
   path = pathlib.Path(config.data_path)
   if not config.data_path:
-    raise ValueError("config.data_path is empty: set it to a dataset directory built by data_prep")
+    raise UserError("config.data_path is empty: set it to a dataset directory built by data_prep")
   if path.exists() or not config.data_build:
     return path
   if config.data_build not in BUILDERS:
-    raise ValueError(f"data_build={config.data_build!r}: expected one of {BUILDERS}")
+    raise UserError(f"data_build={config.data_build!r}: expected one of {BUILDERS}")
   if jax.process_index() == 0:
     print(f"building the {config.data_build} dataset into {path} (data_build)", flush=True)
     build(config.data_build, path, dict(config.data_build_args.to_dict()))

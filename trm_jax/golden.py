@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trm_jax import act
+from trm_jax import errors
 from trm_jax import losses
 from trm_jax import models
 from trm_jax import optim
@@ -39,7 +40,7 @@ BF16_FACTOR, BF16_SLACK = 2.0, 1e-2  # ours <= 2 * original's own bf16 drift + 1
 COUNT_METRICS = ("count", "exact_accuracy", "q_halt_accuracy", "steps")
 
 
-class GoldenFormatError(ValueError):
+class GoldenFormatError(errors.UserError, ValueError):
   """A golden file lacks a key or holds a wrong shape."""
 
 

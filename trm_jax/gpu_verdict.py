@@ -50,6 +50,8 @@ import sys
 import time
 from typing import Any
 
+from trm_jax import errors
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The paper's settings; the ids are the ARC-AGI-1 x 1000 build's (docs/benchmarks.md); Sudoku has one.
@@ -76,7 +78,7 @@ CAPS = {"env": (60, 10), "correctness": (210, 60), "bench": (120, 45), "original
         "max_batch": (150, 60)}
 
 
-class UsageError(ValueError):
+class UsageError(errors.UserError, ValueError):
   """A flag that names no part or kind."""
 
 

@@ -35,6 +35,7 @@ from data_prep import arc as arc_data
 from data_prep import augment
 from data_prep import common as data_common
 from trm_jax import arc_eval
+from trm_jax import errors
 from trm_jax import ttt
 
 
@@ -61,15 +62,14 @@ def versions_by_puzzle(identifiers: list[str]) -> dict[str, list[tuple[int, int,
 
 def load_challenges(input_path: pathlib.Path) -> list[arc_data.Puzzle]:
   """The puzzles of a challenges file (with the solutions beside it, when there are); UserError if bad."""
-  from trm_jax import train  # pylint: disable=g-import-not-at-top
   if not data_common.input_exists(input_path):
-    raise train.UserError(f"{input_path}: challenges file not found (--input)")
+    raise errors.UserError(f"{input_path}: challenges file not found (--input)")
   files = arc_data.SubsetFiles("challenges", input_path, _solutions_beside(input_path))
   try:
     return arc_data.load_subset(files, is_test_set=True, allow_missing_test_solutions=True,
                                 limit_puzzles=None, warnings=arc_data.WarningCounter())
   except arc_data.ArcDataError as e:
-    raise train.UserError(str(e)) from None
+    raise errors.UserError(str(e)) from None
 
 
 def _rows(puzzles: list[arc_data.Puzzle], versions: dict[str, list[tuple[int, int, np.ndarray | None]]]
@@ -90,7 +90,6 @@ def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[
                 output_path: pathlib.Path, *, step: int, started: float) -> dict[str, Any]:
   """Trains the new puzzles (``config.ttt``), runs the model on every version of every test
   input and writes the voted submission. ``started``: ``time.monotonic()`` at the start."""
-  from trm_jax import train  # pylint: disable=g-import-not-at-top
   settings = ttt.settings(run.config)
   with open(run.data_path / data_common.IDENTIFIERS_FILE) as f:
     identifiers = json.load(f)

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from trm_jax import errors
+
 # torch's storage-type names -> (numpy dtype of the raw bytes, whether they are bfloat16 bits).
 _STORAGE_DTYPES = {
     "FloatStorage": (np.float32, False),
@@ -55,7 +57,7 @@ _TENSOR_DTYPES = {np.dtype(d) for d, bf16 in _STORAGE_DTYPES.values() if not bf1
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
-class TorchFormatError(ValueError):
+class TorchFormatError(errors.UserError, ValueError):
   """A file is not a state dict that ``load`` can read safely; the message names it."""
 
 

@@ -48,12 +48,14 @@ import numpy as np
 from data_prep import arc as arc_data
 from data_prep import common as data_common
 from trm_jax import data as data_lib
+from trm_jax import errors
 from trm_jax import monitor as monitor_lib
 from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
 from trm_jax import steps
-from trm_jax import train
+from trm_jax import evaluation
+from trm_jax import runs
 
 MODES = ("embeddings", "all", "embeddings_then_all")
 # Seconds kept free beyond the estimated voting time when a time budget is set.
@@ -77,7 +79,7 @@ class Settings:
 
 
 def settings(config) -> Settings:
-  """``config.ttt`` as ``Settings``; a ``train.UserError`` naming the key when a value is wrong."""
+  """``config.ttt`` as ``Settings``; a ``errors.UserError`` naming the key when a value is wrong."""
   t = config.ttt
   checks = [
       ("steps", isinstance(t.steps, int) and t.steps >= 0, "an integer >= 0"),
@@ -93,7 +95,7 @@ def settings(config) -> Settings:
   ]
   for key, ok, expected in checks:
     if not ok:
-      raise train.UserError(f"config.ttt.{key}={t[key]!r}: expected {expected}")
+      raise errors.UserError(f"config.ttt.{key}={t[key]!r}: expected {expected}")
   return Settings(steps=t.steps, mode=t.mode, switch_fraction=float(t.switch_fraction), lr=float(t.lr),
                   puzzle_emb_lr=float(t.puzzle_emb_lr), warmup_steps=t.warmup_steps, num_aug=t.num_aug,
                   batch_size=t.batch_size or config.global_batch_size, time_budget_s=float(t.time_budget_s))
@@ -115,7 +117,7 @@ def phases(s: Settings) -> list[tuple[int, int, bool]]:
 # Evaluation rows, shared with trm_jax.predict.
 
 
-def eval_rows(run: train.Run, eval_fn, params: Any, table: jax.Array, inputs_NxS: np.ndarray,
+def eval_rows(run: runs.Run, eval_fn, params: Any, table: jax.Array, inputs_NxS: np.ndarray,
               labels_NxS: np.ndarray, ids_N: np.ndarray,
               on_batch: Callable[[slice, dict[str, Any], dict[str, np.ndarray]], None]) -> list[float]:
   """Runs ``eval_fn`` over rows in padded global batches (padding: blank id, no labels).
@@ -137,7 +139,7 @@ def eval_rows(run: train.Run, eval_fn, params: Any, table: jax.Array, inputs_NxS
              "puzzle_identifiers": np.pad(ids_N[start:end], (0, pad))}
     batch = sharding.global_batch({k: v[lo:lo + local] for k, v in batch.items()}, run.mesh, bs)
     metrics, outputs = eval_fn(params, table, batch)
-    host = {k: train._to_host(v)[:end - start] for k, v in outputs.items()}  # pylint: disable=protected-access
+    host = {k: evaluation.to_host(v)[:end - start] for k, v in outputs.items()}
     on_batch(slice(start, end), metrics, host)
     times.append(time.perf_counter() - t0)
   return times
@@ -156,7 +158,7 @@ def demonstration_rows(puzzles: Sequence[arc_data.Puzzle], row_of: dict[str, int
   return (np.stack(inputs).astype(np.int32), np.stack(labels).astype(np.int32), np.asarray(ids, np.int32))
 
 
-def demonstration_metrics(run: train.Run, eval_fn, params: Any, table: jax.Array,
+def demonstration_metrics(run: runs.Run, eval_fn, params: Any, table: jax.Array,
                           rows: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[dict[str, float], list[float]]:
   """Eval-mode loss and accuracies on demonstration rows; and the batch times."""
   summed: dict[str, Any] | None = None
@@ -223,7 +225,7 @@ class Result:
   report: dict[str, Any]
 
 
-def run_ttt(run: train.Run, params: Any, table: jax.Array, puzzles: Sequence[arc_data.Puzzle], s: Settings, *,
+def run_ttt(run: runs.Run, params: Any, table: jax.Array, puzzles: Sequence[arc_data.Puzzle], s: Settings, *,
             started: float, predictions_after: Callable[[list[str]], int]) -> Result:
   """Trains rows for ``puzzles`` (and by ``s.mode`` the network); see the module docstring.
 
@@ -236,7 +238,7 @@ def run_ttt(run: train.Run, params: Any, table: jax.Array, puzzles: Sequence[arc
   try:
     sharding.check_global_batch_size(s.batch_size, run.mesh)
   except ValueError as e:
-    raise train.UserError(f"config.ttt.batch_size: {e}") from None
+    raise errors.UserError(f"config.ttt.batch_size: {e}") from None
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="trm-ttt-"))
   monitor = monitor_lib.Monitor(tmp, total_steps=s.steps, enabled=is_main, tensorboard=False)
   try:
@@ -251,7 +253,7 @@ def run_ttt(run: train.Run, params: Any, table: jax.Array, puzzles: Sequence[arc
     ttt_config.global_batch_size = s.batch_size
     ttt_config.ema = False
 
-    def ttt_run(embeddings_only: bool) -> train.Run:
+    def ttt_run(embeddings_only: bool) -> runs.Run:
       opt = optim.make_optimizers(
           lr=s.lr, weight_decay=config.weight_decay, puzzle_emb_lr=s.puzzle_emb_lr,
           puzzle_emb_weight_decay=config.puzzle_emb_weight_decay, beta1=config.beta1, beta2=config.beta2,
@@ -262,13 +264,13 @@ def run_ttt(run: train.Run, params: Any, table: jax.Array, puzzles: Sequence[arc
 
     plan = phases(s)
     runs = [ttt_run(embeddings_only) for _, _, embeddings_only in plan] or [ttt_run(True)]
-    layouts = [train.make_layout(r) for r in runs]
+    layouts = [runs.make_layout(r) for r in runs]
     layout = layouts[0]
     padded = layout.abstract_state.puzzle_emb.shape[0]
     extend = jax.jit(lambda t: sharding.pad_table(state_lib.extend_puzzle_table(t, rows, trained_rows=trained_rows),
                                                   padded), out_shardings=layout.state_shardings.puzzle_emb)
     table = extend(table)
-    eval_fn = train.make_eval_fn(runs[0], layout)
+    eval_fn = evaluation.make_eval_fn(runs[0], layout)
 
     row_of = {name: first_row + i for i, name in enumerate(names)}
     demo = demonstration_rows(puzzles, row_of)
@@ -389,7 +391,7 @@ def _log_window(monitor: monitor_lib.Monitor, window: list[Any], step: int, batc
   reported = steps.train_metrics_to_host(summed, batch_size * len(fetched))
   loss = reported["lm_loss"] + reported["q_halt_loss"] + reported.get("q_continue_loss", 0.0)
   if not math.isfinite(loss):
-    raise train.NonFiniteLossError(f"test-time training: non-finite loss {loss} by step {step}; "
+    raise errors.NonFiniteLossError(f"test-time training: non-finite loss {loss} by step {step}; "
                                    "lower config.ttt.lr or config.ttt.puzzle_emb_lr")
   reported.update(lr=float(fetched[-1]["lr"]), puzzle_emb_lr=float(fetched[-1]["puzzle_emb_lr"]))
   monitor.log_train(step, reported)

@@ -243,7 +243,7 @@ def part_bench(spec: dict, out: pathlib.Path) -> dict:
 
 def part_max_batch(spec: dict, out: pathlib.Path) -> dict:
   """The largest per-device batch that fits (compiles only), then that batch timed, stepping down on OOM."""
-  from trm_jax import bench, train  # pylint: disable=g-import-not-at-top
+  from trm_jax import bench, runs  # pylint: disable=g-import-not-at-top
   config = load_config(spec["config"], spec.get("overrides", {}))
   limit = int(spec.get("memory_limit_gb", 0) * 2**30) or None
   if limit is None:
@@ -267,7 +267,7 @@ def part_max_batch(spec: dict, out: pathlib.Path) -> dict:
       break
     except Exception as e:  # pylint: disable=broad-except
       # The estimate ignores fragmentation: step down until it runs.
-      if not train.is_out_of_memory(e) or batch <= granularity:
+      if not runs.is_out_of_memory(e) or batch <= granularity:
         raise
       log(f"batch_per_device={batch} ran out of memory; trying {batch - granularity}")
       result.setdefault("out_of_memory_at", []).append(batch)

@@ -28,10 +28,12 @@ import time
 import jax
 import numpy as np
 
+from trm_jax import errors
+
 LOCK_FILE = ".lock"
 
 
-class WorkdirError(Exception):
+class WorkdirError(errors.UserError):
   """The run directory cannot be used (reported as one line)."""
 
 

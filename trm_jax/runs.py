@@ -1,0 +1,241 @@
+"""A run before its loop: the config checked against the data and the devices, and the state's layout.
+
+``setup`` checks everything a user can get wrong (the dataset, the batch size
+against the devices, the schedule, the model keys) before anything is
+compiled, and raises a ``UserError`` naming the problem. ``make_layout`` then
+gives the abstract state and carry with their shardings, and jitted functions
+that create them sharded (``eval_shape`` -> shardings -> jitted init). The
+training loop (``trm_jax.train``) and the inference entry points
+(``trm_jax.inference``) both start here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from data_prep import common as data_common
+from trm_jax import act
+from trm_jax import data as data_lib
+from trm_jax import datasets
+from trm_jax import init_weights as init_weights_lib
+from trm_jax import models
+from trm_jax import optim
+from trm_jax import sharding
+from trm_jax import state as state_lib
+from trm_jax import workdir as workdir_lib
+from trm_jax.errors import UserError
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether a JAX runtime error is the device running out of memory."""
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def out_of_memory_error(config: ml_collections.ConfigDict, num_devices: int) -> UserError:
+  """What to change when the step does not fit: the batch, remat or the kernels."""
+  batch = config.global_batch_size
+  return UserError(
+      f"out of device memory at global_batch_size={batch} ({batch / num_devices:g} per device on {num_devices} "
+      f"device(s)) with model.kernels={config.model.kernels!r} and model.remat={config.model.remat!r}. "
+      f"Lower --config.global_batch_size, or save memory with --config.model.remat=network or "
+      f"--config.model.kernels=pallas; `python -m trm_jax.bench --config=<this config> --find_max_batch` "
+      f"finds the largest batch that fits. The latest checkpoint is intact.")
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Starts JAX's distributed runtime for a multi-host run.
+
+  From the flags when they are given (all three), else from the cluster
+  environment when it describes several processes (``JAX_COORDINATOR_ADDRESS``,
+  SLURM, Open MPI: ``jax.distributed.initialize()`` reads them); a single
+  process needs nothing.
+  """
+  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+  if any(given):
+    if not all(given):
+      raise UserError("multi-host: pass all of --coordinator_address, --num_processes and --process_id "
+                      "(or none of them and let the cluster environment provide them)")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return
+  tasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+  if "JAX_COORDINATOR_ADDRESS" in os.environ or tasks > 1:
+    jax.distributed.initialize()
+
+
+# ---------------------------------------------------------------------------
+# Setup: everything that can fail because of the user, before any compilation.
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  data_path: pathlib.Path
+  train_info: data_common.SplitInfo | None
+  test_info: data_common.SplitInfo | None
+  model: models.ModelConfig
+  mesh: jax.sharding.Mesh
+  optimizers: optim.Optimizers
+  total_steps: int
+  total_iters: int
+  eval_batch_size: int
+
+
+def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
+  """The model config: ``config.model`` plus the dataset's sizes."""
+  fields = dict(config.model.to_dict())
+  fields.update(seq_len=metadata.seq_len, vocab_size=metadata.vocab_size,
+                num_puzzle_identifiers=metadata.num_puzzle_identifiers)
+  try:
+    return models.config_from_dict(fields)
+  except ValueError as e:
+    raise UserError(str(e).replace("model config: ", "config.model.")) from None
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  if config.epochs < 1 or config.eval_interval < 1:
+    raise UserError(f"epochs={config.epochs} and eval_interval={config.eval_interval} must be >= 1")
+  if config.epochs % config.eval_interval:
+    raise UserError(f"eval_interval={config.eval_interval} does not divide epochs={config.epochs}")
+  if config.global_batch_size < 1:
+    raise UserError(f"global_batch_size={config.global_batch_size} must be >= 1")
+  if config.best_mode not in ("max", "min"):
+    raise UserError(f"best_mode={config.best_mode!r}: expected 'max' or 'min'")
+  if config.log_every_steps < 1:
+    raise UserError(f"log_every_steps={config.log_every_steps} must be >= 1")
+
+
+def _load_split(path: pathlib.Path, split: str) -> data_common.SplitInfo:
+  try:
+    return data_lib.load_dataset_info(path, split)
+  except data_common.DatasetFormatError as e:
+    raise UserError(f"dataset {path}: {e}") from None
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need_train: bool = True,
+          need_test: bool = True) -> Run:
+  """Validates the config against the data and the devices; builds nothing on device."""
+  _check_schedule(config)
+  workdir = workdir_lib.check(workdir, create=False)
+  try:
+    data_path = datasets.ensure_dataset(config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if not data_path.is_dir():
+    raise UserError(f"data_path {str(data_path)!r} does not exist; build it with data_prep "
+                    "(see README) or set config.data_build")
+  train_info = _load_split(data_path, "train") if need_train else None
+  test_info = _load_split(data_path, "test") if need_test else None
+  metadata = (train_info or test_info).metadata
+  if train_info is not None and test_info is not None:
+    a, b = train_info.metadata, test_info.metadata
+    if (a.seq_len, a.vocab_size, a.num_puzzle_identifiers) != (b.seq_len, b.vocab_size, b.num_puzzle_identifiers):
+      raise UserError(f"dataset {data_path}: train and test disagree on seq_len/vocab_size/num_puzzle_identifiers")
+  model = model_config(config, metadata)
+  try:
+    mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
+    sharding.check_global_batch_size(config.global_batch_size, mesh)
+    eval_batch_size = config.eval_batch_size or config.global_batch_size
+    sharding.check_global_batch_size(eval_batch_size, mesh)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if config.param_sharding not in sharding.PARAM_SHARDINGS:
+    raise UserError(f"param_sharding={config.param_sharding!r}: expected one of {sharding.PARAM_SHARDINGS}")
+  if train_info is not None:
+    total_steps = optim.total_train_steps(config.epochs, train_info.metadata.total_groups,
+                                          train_info.metadata.mean_puzzle_examples, config.global_batch_size)
+    if total_steps < 1:
+      raise UserError(f"the schedule has no step: epochs={config.epochs} x {train_info.metadata.total_groups} "
+                      f"groups x {train_info.metadata.mean_puzzle_examples:.3g} examples < "
+                      f"global_batch_size={config.global_batch_size}")
+  else:
+    total_steps = 1
+  optimizers = optim.make_optimizers(
+      lr=config.lr, weight_decay=config.weight_decay, puzzle_emb_lr=config.puzzle_emb_lr,
+      puzzle_emb_weight_decay=config.puzzle_emb_weight_decay, beta1=config.beta1, beta2=config.beta2,
+      warmup_steps=config.lr_warmup_steps, total_steps=total_steps, lr_min_ratio=config.lr_min_ratio,
+      grad_clip_norm=config.grad_clip_norm or None, freeze_weights=config.freeze_weights,
+      trainable_mask=state_lib.trainable_mask)
+  return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
+             test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
+             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size)
+
+
+# ---------------------------------------------------------------------------
+# State: created sharded, or restored onto this mesh.
+
+
+def _zeros_batch(model: models.ModelConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {"inputs": jnp.zeros((batch_size, model.seq_len), jnp.int32),
+          "labels": jnp.zeros((batch_size, model.seq_len), jnp.int32),
+          "puzzle_identifiers": jnp.zeros((batch_size,), jnp.int32)}
+
+
+@dataclasses.dataclass
+class Layout:
+  """Abstract trees and shardings of the state and the carry on a mesh."""
+  state_shardings: Any
+  carry_shardings: Any
+  abstract_state: Any
+  abstract_carry: Any
+  create_state: Any  # () -> TrainState, jitted with out_shardings
+  create_carry: Any  # () -> Carry, jitted with out_shardings
+
+
+def make_layout(run: Run) -> Layout:
+  model, mesh, config = run.model, run.mesh, run.config
+  rows = sharding.padded_table_rows(model.num_puzzle_identifiers, mesh)
+
+  def create_state():
+    return state_lib.create_train_state(model, run.optimizers, config.seed, ema=config.ema, puzzle_emb_rows=rows)
+
+  def create_carry():
+    return act.initial_carry(model, _zeros_batch(model, config.global_batch_size))
+
+  abstract_state = jax.eval_shape(create_state)
+  abstract_carry = jax.eval_shape(create_carry)
+  state_sh = sharding.state_shardings(abstract_state, mesh, config.param_sharding)
+  carry_sh = sharding.carry_shardings(abstract_carry, mesh)
+
+  def with_sharding(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+  return Layout(state_sh, carry_sh, with_sharding(abstract_state, state_sh),
+                with_sharding(abstract_carry, carry_sh),
+                jax.jit(create_state, out_shardings=state_sh), jax.jit(create_carry, out_shardings=carry_sh))
+
+
+def load_initial_weights(run: Run, layout: Layout, state: state_lib.TrainState) -> state_lib.TrainState:
+  """``config.init_weights``: original-named weights (.npz or the original's torch.save file) replace the initial ones.
+
+  A puzzle table of another row count is reset as the original does (see ``init_weights``).
+  """
+  try:
+    params, table, notices = init_weights_lib.load(run.model, run.config.init_weights)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if jax.process_index() == 0:
+    for notice in notices:
+      print(f"note: {notice}", flush=True)
+  table = sharding.pad_table(table, state.puzzle_emb.shape[0])
+  params = jax.device_put(params, layout.state_shardings.params)
+  puzzle_emb = jax.device_put(table, layout.state_shardings.puzzle_emb)
+  opt_state = jax.jit(run.optimizers.dense.init, out_shardings=layout.state_shardings.opt_state)(params)
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, puzzle_emb=puzzle_emb, opt_state=opt_state, ema_params=ema)
+
+
+def dataset_shapes(run: Run) -> dict[str, int]:
+  """The dataset's sizes a checkpoint records (a resume on other sizes is refused)."""
+  return {"seq_len": run.model.seq_len, "vocab_size": run.model.vocab_size,
+          "num_puzzle_identifiers": run.model.num_puzzle_identifiers}
