@@ -45,7 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   # --- Data.
-  c.data_path = ""  # dataset directory built by data_prep (holds train/ and test/)
+  c.data_path = ""  # dataset directory built by data_prep (holds train/ and test/); several, comma-separated, train as one
+  c.test_data_path = ""  # directories whose test/ split evaluates (the original's data_paths_test); "": data_path's
   c.data_build = ""  # if data_path is missing, build it: "" (never), "sudoku", "maze" or "arc" (see trm_jax.datasets)
   c.data_build_args = ml_collections.ConfigDict()  # keyword arguments of that builder
   c.global_batch_size = 768  # examples per optimiser step, over all devices and hosts

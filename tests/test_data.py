@@ -162,6 +162,54 @@ def test_train_two_sets_follow_the_original_counter(two_set_dataset):
   _assert_batches_equal(got, [_expected_rows(train[name], rows, puzzles) for _, name, rows, puzzles in want])
 
 
+@pytest.fixture(scope="module")
+def two_directories(tmp_path_factory):
+  """Two datasets with sets x and y of the same puzzle counts (so that they may train together)."""
+  groups_rng = np.random.default_rng(2)
+  groups = {"x": _random_groups(groups_rng, 4, 2, 3), "y": _random_groups(groups_rng, 5, 3, 3)}
+  written = []
+  for i in range(2):
+    path = tmp_path_factory.mktemp("data") / f"dir{i}"
+    with common.DatasetWriter(path) as w:
+      rng = np.random.default_rng(10 + i)
+      written.append((path, _write_split(w, "train", groups, rng), _write_split(w, "test", {"t": [[3], [2, 2]]}, rng)))
+  return written
+
+
+def test_several_directories_train_as_the_original_merges_them(two_directories):
+  """The original's data_paths: sets x, x1, y, y1 (set by set, directory by directory), one counter."""
+  (a, train_a, _), (b, train_b, _) = two_directories
+  info = data.load_dataset_info([a, b], "train")
+  single = data.load_dataset_info(a, "train")
+  assert info.metadata.sets == ["x", "x1", "y", "y1"]
+  assert info.metadata.num_puzzle_identifiers == 2 * single.metadata.num_puzzle_identifiers
+  assert info.metadata.total_groups == 2 * single.metadata.total_groups
+  assert info.metadata.total_puzzles == 2 * single.metadata.total_puzzles
+  merged = {"x": train_a["x"], "x1": train_b["x"], "y": train_a["y"], "y1": train_b["y"]}
+  want, _ = _reference_train_batches(merged, ["x", "x1", "y", "y1"], seed=5, epochs_per_iter=2,
+                                     global_batch_size=4, num_passes=2)
+  got = list(data.make_train_iterator([a, b], global_batch_size=4, seed=5, epochs_per_iter=2, num_passes=2))
+  _assert_batches_equal(got, [_expected_rows(merged[name], rows, puzzles) for _, name, rows, puzzles in want])
+  # One directory in a list is that directory.
+  assert data.load_dataset_info([a], "train").metadata == single.metadata
+
+
+def test_several_directories_test_split(two_directories):
+  (a, _, test_a), (b, _, test_b) = two_directories
+  items = list(data.make_test_iterator([a, b], global_batch_size=8))
+  assert [(i.set_name, i.num_examples) for i in items] == [("t", 7), ("t1", 7)]
+  np.testing.assert_array_equal(items[1].batch["inputs"][:7], test_b["t"]["inputs"])
+
+
+def test_directories_that_disagree_cannot_merge(two_directories, dataset):
+  (a, _, _), _ = two_directories
+  other, _, _ = dataset
+  with pytest.raises(common.DatasetFormatError,
+                     match=rf"^datasets {a} and {other} cannot train together: sets is \['x', 'y'\] in the first "
+                           r"and \['all'\] in the second"):
+    data.load_dataset_info([a, other], "train")
+
+
 def test_train_sampler_properties(dataset):
   path, train, _ = dataset
   d = train["all"]

@@ -257,6 +257,64 @@ def test_missing_and_malformed_dataset(tmp_path, sudoku_data):
     runs.setup(tiny_config(broken), tmp_path / "run")
 
 
+@pytest.fixture(scope="module")
+def second_sudoku(tmp_path_factory):
+  """Another Sudoku set with as many puzzles as sudoku_data (directories that train together must agree)."""
+  from data_prep import sudoku  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("data") / "sudoku2"
+  sudoku.build_generated(path, num_train=24, num_test=20, num_aug=3, seed=1, target_clues=50)
+  return path
+
+
+def test_several_data_paths_train_as_one(sudoku_data, second_sudoku, tmp_path):
+  """The original's data_paths: a pass covers each directory's sets; every test set is evaluated."""
+  from trm_jax import data  # pylint: disable=g-import-not-at-top
+  config = tiny_config(f"{sudoku_data}, {second_sudoku}", epochs=2)
+  summary = train.train_and_evaluate(config, tmp_path / "run")
+  with data.make_train_iterator([sudoku_data, second_sudoku], global_batch_size=config.global_batch_size,
+                                seed=config.seed, epochs_per_iter=config.eval_interval) as plan:
+    assert summary["end_step"] == plan.batches_in_pass(0)
+    assert plan.metadata.sets == ["all", "all1"]
+  assert summary["last_eval"]["all/count"] == 20 and summary["last_eval"]["all1/count"] == 20
+  # The second directory's test split alone, from that run's checkpoint.
+  results = inference.evaluate_checkpoint(tiny_config(f"{sudoku_data},{second_sudoku}", epochs=2,
+                                                      test_data_path=str(second_sudoku)), tmp_path / "run")
+  assert results["all/count"] == 20 and "all1/count" not in results
+  assert results["all/lm_loss"] == pytest.approx(summary["last_eval"]["all1/lm_loss"], rel=1e-5)
+
+
+def test_continue_a_run_on_another_dataset(full_run, sudoku_data, second_sudoku, tmp_path):
+  """README's flow (the original's load_checkpoint + freeze_weights): export, then init_weights elsewhere."""
+  workdir, _ = full_run
+  exported = inference.export_weights(tiny_config(sudoku_data), workdir, tmp_path / "weights.npz")
+  config = tiny_config(second_sudoku, epochs=2, init_weights=str(exported), freeze_weights=True)
+  summary = train.train_and_evaluate(config, tmp_path / "b")
+  assert summary["start_step"] == 0 and summary["end_step"] > 0
+  _, before = final_params(workdir)
+  _, after = final_params(tmp_path / "b")
+  # The network is the exported one (the EMA copy: the quickstart keeps one), unchanged; only the
+  # new dataset's puzzle table trained.
+  jax.tree.map(np.testing.assert_array_equal, after["params"], before["ema_params"])
+  assert not np.array_equal(after["puzzle_emb"], before["puzzle_emb"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data_path": "{a},{b}", "evaluators": "maze"}, r"^evaluators='maze' read one test dataset's files, but the "
+                                                      r"test data has 2 directories"),
+    ({"data_path": "{a},{missing}"}, r"^data_path '.*missing' does not exist"),
+    ({"data_path": "{a},{missing}", "data_build": "sudoku"}, r"^data_build builds one directory, but data_path "
+                                                              r"lists 2"),
+    ({"test_data_path": "{missing}"}, r"^test_data_path '.*missing' does not exist"),
+    ({"data_path": " , "}, r"^config\.data_path is empty"),
+])
+def test_data_path_list_errors(sudoku_data, second_sudoku, tmp_path, overrides, message):
+  paths = {"a": sudoku_data, "b": second_sudoku, "missing": tmp_path / "missing"}
+  overrides = {k: v.format(**paths) for k, v in overrides.items()}
+  config = tiny_config(overrides.pop("data_path", sudoku_data), **overrides)
+  with pytest.raises(errors.UserError, match=message):
+    runs.setup(config, tmp_path / "run")
+
+
 # ---------------------------------------------------------------------------
 # The command line: launch.py in a subprocess.
 

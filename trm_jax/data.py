@@ -88,20 +88,30 @@ absl app this module marks ``FLAGS`` as parsed (all defaults) before it starts
 workers. ``close()`` (or ``with``) stops the workers; ``set_state`` restarts
 them.
 
-Not supported: several dataset directories merged into one (the original's
-``data_paths`` list).
+Several dataset directories train as one (the original's ``data_paths``):
+``load_dataset_info`` merges their splits the way the original's
+``PuzzleDataset`` does. Set ``s`` of directory ``i > 0`` is named ``s<i>``
+and the sets come set by set, each directory's in turn (``all``, ``all1``,
+...), so a pass samples each directory's set separately with the original's
+seeds; the directories must agree on seq_len, vocab_size, pad_id,
+ignore_label_id, blank_identifier_id, the set names and
+num_puzzle_identifiers (the original asserts the same), the merged table has
+the sum of their rows, and puzzle identifiers are used as stored (so
+directories built from the same puzzles share embedding rows, as in the
+original).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import sys
 import threading
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from absl import flags
 import grain
@@ -121,8 +131,22 @@ _UNBOUNDED = sys.maxsize
 # Dataset access.
 
 
-def load_dataset_info(dataset_dir: str | os.PathLike, split: str = "train") -> common.SplitInfo:
-  """Metadata and index arrays of one split (``.metadata`` holds SPEC §7's fields)."""
+DatasetDirs = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def load_dataset_info(dataset_dir: DatasetDirs, split: str = "train") -> common.SplitInfo:
+  """Metadata and index arrays of one split (``.metadata`` holds SPEC §7's fields).
+
+  ``dataset_dir`` may be a sequence of directories: their splits are merged
+  as the original merges its ``data_paths`` (see the module docstring).
+  """
+  if not isinstance(dataset_dir, (str, os.PathLike)):
+    dirs = [pathlib.Path(d) for d in dataset_dir]
+    if not dirs:
+      raise common.DatasetFormatError("no dataset directory given")
+    if len(dirs) > 1:
+      return merge_splits([load_dataset_info(d, split) for d in dirs])
+    dataset_dir = dirs[0]
   dataset_dir = pathlib.Path(dataset_dir)
   if not dataset_dir.is_dir():
     raise common.DatasetFormatError(f"dataset directory {dataset_dir} does not exist")
@@ -130,6 +154,53 @@ def load_dataset_info(dataset_dir: str | os.PathLike, split: str = "train") -> c
   for s in info.sets.values():
     _check_set_index(info.path, s)
   return info
+
+
+_MUST_AGREE = ("seq_len", "vocab_size", "pad_id", "ignore_label_id", "blank_identifier_id", "sets",
+               "num_puzzle_identifiers")
+
+
+def merge_splits(infos: Sequence[common.SplitInfo]) -> common.SplitInfo:
+  """One split of several directories, as the original's ``PuzzleDataset`` merges ``dataset_paths``.
+
+  Sets are renamed ``<set><i>`` for the ``i``-th directory (``i > 0``) and
+  ordered set by set, directory by directory; the counts add up and
+  ``mean_puzzle_examples`` is the puzzle-weighted mean, which gives the
+  original's schedule length.
+  """
+  first = infos[0]
+  for other in infos[1:]:
+    for field in _MUST_AGREE:
+      a, b = getattr(first.metadata, field), getattr(other.metadata, field)
+      if a != b:
+        raise common.DatasetFormatError(
+            f"datasets {first.path.parent} and {other.path.parent} cannot train together: {field} is "
+            f"{a!r} in the first and {b!r} in the second (data_path lists directories that must agree on "
+            f"{', '.join(_MUST_AGREE)})")
+    if other.token_dtype != first.token_dtype:
+      raise common.DatasetFormatError(f"datasets {first.path.parent} and {other.path.parent} store tokens as "
+                                      f"{first.token_dtype} and {other.token_dtype}; rebuild one of them")
+  names, sets = [], {}
+  for set_name in first.metadata.sets:
+    for i, info in enumerate(infos):
+      name = set_name + (str(i) if i else "")
+      if name in sets:
+        raise common.DatasetFormatError(f"dataset {info.path.parent}: merged set name {name!r} is taken twice "
+                                        "(a set named like another set plus a digit)")
+      names.append(name)
+      sets[name] = dataclasses.replace(info.sets[set_name], name=name)
+  total_puzzles = sum(i.metadata.total_puzzles for i in infos)
+  mean_examples = sum(i.metadata.mean_puzzle_examples * i.metadata.total_puzzles for i in infos) / total_puzzles
+  metadata = dataclasses.replace(
+      first.metadata, num_puzzle_identifiers=sum(i.metadata.num_puzzle_identifiers for i in infos),
+      total_groups=sum(i.metadata.total_groups for i in infos), mean_puzzle_examples=mean_examples,
+      total_puzzles=total_puzzles, sets=names)
+  return common.SplitInfo(first.path, metadata, first.token_dtype, sets)
+
+
+def _set_dir(split_dir: pathlib.Path, s: common.SetIndex) -> pathlib.Path:
+  """The directory holding a set's shards (another directory's for a merged set)."""
+  return pathlib.Path(s.shard_paths[0]).parent if s.shard_paths else split_dir
 
 
 def _check_set_index(split_dir: pathlib.Path, s: common.SetIndex) -> None:
@@ -341,7 +412,7 @@ class _ReadTrainBatch:
   def __init__(self, info: common.SplitInfo, local_batch_size: int):
     self._meta = info.metadata
     self._identifiers = {n: s.puzzle_identifiers for n, s in info.sets.items()}
-    self._readers = {n: _SetReader(info.path, s, info.metadata.seq_len, info.token_dtype)
+    self._readers = {n: _SetReader(_set_dir(info.path, s), s, info.metadata.seq_len, info.token_dtype)
                      for n, s in info.sets.items()}
     self._local_batch_size = local_batch_size
 
@@ -475,14 +546,14 @@ class TrainIterator(_ClosingIterator, Iterator[dict[str, np.ndarray]]):
 
 
 
-def make_train_iterator(dataset_dir: str | os.PathLike, split: str = "train", *, global_batch_size: int,
+def make_train_iterator(dataset_dir: DatasetDirs, split: str = "train", *, global_batch_size: int,
                         seed: int, epochs_per_iter: int, process_index: int = 0, process_count: int = 1,
                         num_passes: int | None = None, num_workers: int = 0, prefetch: int = 4,
                         read_threads: int = 2) -> TrainIterator:
   """Train batches of ``<dataset_dir>/<split>`` (SPEC §8); see the module docstring.
 
   Args:
-    dataset_dir: a directory written by ``data_prep``.
+    dataset_dir: a directory written by ``data_prep``, or several to merge (the original's ``data_paths``).
     split: the split to read.
     global_batch_size: examples per global batch (all processes together).
     seed: the run's seed (pass ``p`` of set ``k`` uses the original's seed + p * num_sets + k + 1).
@@ -515,7 +586,7 @@ class _ReadTestBatch:
   def __init__(self, info: common.SplitInfo, local_batch_size: int, process_index: int):
     self._meta = info.metadata
     self._index = {n: (s.puzzle_indices, s.puzzle_identifiers) for n, s in info.sets.items()}
-    self._readers = {n: _SetReader(info.path, s, info.metadata.seq_len, info.token_dtype)
+    self._readers = {n: _SetReader(_set_dir(info.path, s), s, info.metadata.seq_len, info.token_dtype)
                      for n, s in info.sets.items()}
     self._local_batch_size = local_batch_size
     self._process_index = process_index
@@ -565,7 +636,7 @@ class EvalIterator(_ClosingIterator, Iterator[EvalBatch]):
 
 
 
-def make_test_iterator(dataset_dir: str | os.PathLike, split: str = "test", *, global_batch_size: int,
+def make_test_iterator(dataset_dir: DatasetDirs, split: str = "test", *, global_batch_size: int,
                        process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                        prefetch: int = 4, read_threads: int = 2) -> EvalIterator:
   """One walk over the examples of ``<dataset_dir>/<split>`` in padded global batches."""

@@ -36,13 +36,24 @@ def build(kind: str, output_dir: pathlib.Path, args: dict[str, Any]) -> None:
     raise UserError(f"data_build={kind!r}: expected one of {BUILDERS}")
 
 
-def ensure_dataset(config: Any) -> pathlib.Path:
-  """``config.data_path``, built first by ``config.data_build`` if it does not exist."""
-  path = pathlib.Path(config.data_path)
-  if not config.data_path:
-    raise UserError("config.data_path is empty: set it to a dataset directory built by data_prep")
-  if path.exists() or not config.data_build:
-    return path
+def data_dirs(value: str, key: str) -> list[pathlib.Path]:
+  """The directories a ``data_path``-like key names: one, or several separated by commas."""
+  dirs = [pathlib.Path(part.strip()) for part in str(value).split(",") if part.strip()]
+  if not dirs:
+    raise UserError(f"config.{key} is empty: set it to a dataset directory built by data_prep "
+                    "(or several, separated by commas)")
+  return dirs
+
+
+def ensure_dataset(config: Any) -> list[pathlib.Path]:
+  """The directories of ``config.data_path``; a single missing one is built first by ``config.data_build``."""
+  dirs = data_dirs(config.data_path, "data_path")
+  if len(dirs) > 1 or dirs[0].exists() or not config.data_build:
+    if len(dirs) > 1 and config.data_build and not all(d.exists() for d in dirs):
+      raise UserError(f"data_build builds one directory, but data_path lists {len(dirs)}: build them with "
+                      "data_prep first")
+    return dirs
+  path = dirs[0]
   if config.data_build not in BUILDERS:
     raise UserError(f"data_build={config.data_build!r}: expected one of {BUILDERS}")
   if jax.process_index() == 0:
@@ -51,4 +62,4 @@ def ensure_dataset(config: Any) -> pathlib.Path:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("trm_jax.datasets.ensure_dataset")
-  return path
+  return dirs

@@ -42,7 +42,7 @@ def run_evaluation(run: runs.Run, eval_fn, params: Any, puzzle_emb: jax.Array, e
   per_set: dict[str, dict[str, Any]] = {}
   image_batch = None
   test_iter = data_lib.make_test_iterator(
-      run.data_path, global_batch_size=run.eval_batch_size, process_index=jax.process_index(),
+      list(run.test_dirs), global_batch_size=run.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.num_workers, prefetch=config.prefetch)
   with test_iter:
     for item in test_iter:

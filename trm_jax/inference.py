@@ -74,7 +74,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
   layout = runs.make_layout(run)
   params, table, step = restore_for_inference(run, layout, checkpoint)
   try:
-    evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+    evaluators = evaluate_lib.make_evaluators(config, run.test_dirs[0], run.test_info)
   except ValueError as e:
     raise UserError(str(e)) from None
   monitor = monitor_lib.Monitor(run.workdir, total_steps=step, enabled=jax.process_index() == 0,
@@ -98,6 +98,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, input
   if monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size) != "arc":
     raise UserError(f"--mode=predict needs an ARC dataset (seq_len 900, vocab 12); {run.data_path} has "
                     f"seq_len {run.model.seq_len}, vocab {run.model.vocab_size}")
+  if len(run.train_dirs) > 1:
+    raise UserError(f"--mode=predict maps puzzles through one dataset's identifiers.json, but data_path lists "
+                    f"{len(run.train_dirs)} directories")
   ttt.settings(config)  # a wrong config.ttt key fails before anything is loaded
   puzzles = predict_lib.load_challenges(pathlib.Path(input_path))
   layout = runs.make_layout(run)

@@ -80,7 +80,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
 class Run:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
-  data_path: pathlib.Path
+  data_path: pathlib.Path  # the first of train_dirs (ARC evaluation and predict read its identifiers)
   train_info: data_common.SplitInfo | None
   test_info: data_common.SplitInfo | None
   model: models.ModelConfig
@@ -89,6 +89,8 @@ class Run:
   total_steps: int
   total_iters: int
   eval_batch_size: int
+  train_dirs: tuple[pathlib.Path, ...] = ()  # config.data_path: one directory or several trained as one
+  test_dirs: tuple[pathlib.Path, ...] = ()  # config.test_data_path, else train_dirs
 
 
 def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
@@ -115,11 +117,20 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"log_every_steps={config.log_every_steps} must be >= 1")
 
 
-def _load_split(path: pathlib.Path, split: str) -> data_common.SplitInfo:
+def _load_split(paths: list[pathlib.Path], split: str) -> data_common.SplitInfo:
   try:
-    return data_lib.load_dataset_info(path, split)
+    return data_lib.load_dataset_info(paths, split)
   except data_common.DatasetFormatError as e:
-    raise UserError(f"dataset {path}: {e}") from None
+    where = f"dataset {paths[0]}: " if len(paths) == 1 else ""
+    raise UserError(f"{where}{e}") from None
+
+
+def _existing(dirs: list[pathlib.Path], key: str) -> list[pathlib.Path]:
+  for d in dirs:
+    if not d.is_dir():
+      raise UserError(f"{key} {str(d)!r} does not exist; build it with data_prep (see README)"
+                      + (" or set config.data_build" if key == "data_path" else ""))
+  return dirs
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need_train: bool = True,
@@ -128,19 +139,30 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
   _check_schedule(config)
   workdir = workdir_lib.check(workdir, create=False)
   try:
-    data_path = datasets.ensure_dataset(config)
+    train_dirs = _existing(datasets.ensure_dataset(config), "data_path")
   except ValueError as e:
     raise UserError(str(e)) from None
-  if not data_path.is_dir():
-    raise UserError(f"data_path {str(data_path)!r} does not exist; build it with data_prep "
-                    "(see README) or set config.data_build")
-  train_info = _load_split(data_path, "train") if need_train else None
-  test_info = _load_split(data_path, "test") if need_test else None
+  separate_test = bool(str(config.test_data_path).strip())
+  test_dirs = (_existing(datasets.data_dirs(config.test_data_path, "test_data_path"), "test_data_path")
+               if separate_test else train_dirs)
+  data_path = train_dirs[0]
+  # The model's sizes come from the train split; a separate test set needs it even to evaluate.
+  train_info = _load_split(train_dirs, "train") if need_train or separate_test else None
+  test_info = _load_split(test_dirs, "test") if need_test else None
   metadata = (train_info or test_info).metadata
   if train_info is not None and test_info is not None:
     a, b = train_info.metadata, test_info.metadata
-    if (a.seq_len, a.vocab_size, a.num_puzzle_identifiers) != (b.seq_len, b.vocab_size, b.num_puzzle_identifiers):
-      raise UserError(f"dataset {data_path}: train and test disagree on seq_len/vocab_size/num_puzzle_identifiers")
+    where = ", ".join(map(str, train_dirs)) + ("" if not separate_test else " and " + ", ".join(map(str, test_dirs)))
+    if (a.seq_len, a.vocab_size) != (b.seq_len, b.vocab_size):
+      raise UserError(f"dataset {where}: train and test disagree on seq_len/vocab_size")
+    if b.num_puzzle_identifiers > a.num_puzzle_identifiers or (
+        not separate_test and a.num_puzzle_identifiers != b.num_puzzle_identifiers):
+      raise UserError(f"dataset {where}: the test split has {b.num_puzzle_identifiers} puzzle identifiers, "
+                      f"the train split {a.num_puzzle_identifiers}")
+  if len(test_dirs) > 1 and config.evaluators:
+    raise UserError(f"evaluators={config.evaluators!r} read one test dataset's files, but the test data has "
+                    f"{len(test_dirs)} directories: evaluate each with --mode=eval and its own "
+                    "--config.test_data_path")
   model = model_config(config, metadata)
   try:
     mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
@@ -168,7 +190,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
       trainable_mask=state_lib.trainable_mask)
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
              test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
-             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size)
+             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size,
+             train_dirs=tuple(train_dirs), test_dirs=tuple(test_dirs))
 
 
 # ---------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def _train(run: runs.Run) -> dict[str, Any]:
   layout = runs.make_layout(run)
   try:
     train_iter = data_lib.make_train_iterator(
-        run.data_path, global_batch_size=config.global_batch_size, seed=config.seed,
+        list(run.train_dirs), global_batch_size=config.global_batch_size, seed=config.seed,
         epochs_per_iter=config.eval_interval, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.num_workers, prefetch=config.prefetch)
   except ValueError as e:
@@ -116,7 +116,7 @@ def _train(run: runs.Run) -> dict[str, Any]:
 
   meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None, "eval_pending": None}
   try:
-    evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+    evaluators = evaluate_lib.make_evaluators(config, run.test_dirs[0], run.test_info)
   except ValueError as e:
     raise UserError(str(e)) from None
   latest = checkpointer.latest_step()
