@@ -149,6 +149,26 @@ def test_ttt_learns_the_new_puzzles_demonstrations(arc_run, blank_prediction, tm
   assert not list((tmp_path / "tmp").iterdir())  # the temporary dataset is gone
 
 
+@pytest.mark.parametrize("mode", ["embeddings", "embeddings_then_all"])
+def test_ttt_modes_other_than_all(arc_run, blank_prediction, tmp_path, mode):
+  """The new rows alone (the network fixed, as freeze_weights), or those first and then everything."""
+  root, config, challenges = arc_run
+  out = tmp_path / "submission.json"
+  summary = inference.predict(ttt_config(config, mode=mode, switch_fraction=0.5, puzzle_emb_lr=0.1),
+                              root / "run", root / "x_challenges.json", out)
+  report = summary["ttt"]
+  assert report["steps"] == 4 and report["stopped_by"] is None
+  assert report["mode"] == mode
+  # Seen: embeddings 2.715 -> 2.699 in 4 steps (the rows alone move slowly), embeddings_then_all -> 1.86.
+  fall = {"embeddings": 0.005, "embeddings_then_all": 0.3}[mode]
+  assert report["demonstrations_after"]["lm_loss"] < report["demonstrations_before"]["lm_loss"] - fall
+  submission = check_submission(out, challenges)
+  # In every mode the puzzles the run knows keep its network and rows, so their answers are plain predict's.
+  blank = json.loads(blank_prediction[1].read_text())
+  for name in list(challenges)[:KNOWN]:
+    assert submission[name] == blank[name]
+
+
 def test_time_budget_stops_training_to_vote(arc_run, tmp_path):
   root, config, challenges = arc_run
   out = tmp_path / "submission.json"
