@@ -5,7 +5,7 @@ Variants: ``configs/arc.py:arc1`` (default; ARC-AGI-1 data) and
 settings: ``configs/arc.py:arc1,hrm``.
 """
 
-from configs import default
+from trm_jax.configs import default
 
 DATA_PATHS = {"arc1": "data/arc1concept-aug-1000", "arc2": "data/arc2concept-aug-1000"}
 

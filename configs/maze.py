@@ -4,7 +4,7 @@ Another architecture with its paper settings: ``configs/maze.py:hrm`` (any of
 ``trm_jax.models.ARCHITECTURES``).
 """
 
-from configs import default
+from trm_jax.configs import default
 
 
 def get_config(arg: str | None = None):

@@ -12,7 +12,7 @@ with no puzzle equivalent to a train puzzle. Variants:
 
 import ml_collections
 
-from configs import default
+from trm_jax.configs import default
 
 
 def get_config(arg: str | None = None):

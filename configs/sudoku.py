@@ -6,7 +6,7 @@ Another architecture with its paper settings: ``configs/sudoku.py:att,hrm``
 (``transformers_baseline`` needs ``att``: it has attention blocks only).
 """
 
-from configs import default
+from trm_jax.configs import default
 
 
 def get_config(arg: str | None = None):

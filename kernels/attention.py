@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-import kernels as kernels_lib
+from trm_jax import kernels as kernels_lib
 
 def apply_rope(x_BxSxHxK: jax.Array, cos_SxK: jax.Array, sin_SxK: jax.Array) -> jax.Array:
   """RoPE with the half-split layout, computed in float32 (float64 stays float64), cast back."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-import kernels as kernels_lib
+from trm_jax import kernels as kernels_lib
 
 
 def residual_rms_norm_reference(x: jax.Array, residual: jax.Array, *, eps: float) -> jax.Array:

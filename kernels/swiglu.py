@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-import kernels as kernels_lib
+from trm_jax import kernels as kernels_lib
 
 
 # The down projection contracts over I (512 at D = 128, 1536 at D = 512), the

@@ -50,7 +50,7 @@ def test_flops_formula():
 
 
 def _tiny_config():
-  from configs import quickstart
+  from trm_jax.configs import quickstart
   config = quickstart.get_config()
   config.unlock()
   config.data_path = "none"

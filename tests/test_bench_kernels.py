@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import shared_paths
-from kernels import rms_norm as rms_norm_lib
+from trm_jax.kernels import rms_norm as rms_norm_lib
 from trm_jax import bench_kernels
 from trm_jax.models import trm
 

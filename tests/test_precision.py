@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import shared_paths
-from configs import quickstart
+from trm_jax.configs import quickstart
 from trm_jax import act
 from trm_jax import errors
 from trm_jax import losses

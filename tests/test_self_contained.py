@@ -53,3 +53,32 @@ def test_compressed_and_plain_inputs_read_alike(tmp_path):
   assert common.input_exists(missing)
   with common.open_input(missing) as f:
     assert f.read() == '{"y": 2}'
+
+
+def test_installed_names_are_namespaced():
+  """setup.cfg installs trm_jax (with kernels/ and configs/ as trm_jax.kernels and trm_jax.configs) and
+  data_prep, nothing else at the top level, and lists every subpackage (a new one would be left out of
+  the wheel otherwise)."""
+  import configparser  # pylint: disable=g-import-not-at-top
+  cfg = configparser.ConfigParser()
+  cfg.read(ROOT / "setup.cfg")
+  packages = set(cfg["options"]["packages"].split())
+  package_dir = dict(line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines())
+  assert package_dir == {"trm_jax.kernels": "kernels", "trm_jax.configs": "configs"}
+  assert {p.split(".")[0] for p in packages} == {"trm_jax", "data_prep"}
+  on_disk = set()
+  for name, folder in [("trm_jax", "trm_jax"), ("data_prep", "data_prep"), *[(k, v) for k, v in package_dir.items()]]:
+    for init in (ROOT / folder).rglob("__init__.py"):
+      relative = init.parent.relative_to(ROOT / folder).parts
+      on_disk.add(".".join((name, *relative)))
+  assert packages == on_disk
+
+
+def test_a_checkout_imports_its_own_kernels_and_configs(tmp_path):
+  """From a checkout (PYTHONPATH), trm_jax.kernels / trm_jax.configs are the folders beside trm_jax/."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import trm_jax.kernels.swiglu as k, trm_jax.configs.default as c; print(k.__file__); print(c.__file__)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}).stdout
+  assert out.split() == [str(ROOT / "kernels" / "swiglu.py"), str(ROOT / "configs" / "default.py")]

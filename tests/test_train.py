@@ -446,7 +446,7 @@ def test_out_of_memory_is_a_user_error_with_advice(sudoku_data, tmp_path, monkey
 
 def test_readme_notebook_block_runs(sudoku_data, tmp_path, monkeypatch):
   """The README's Python block, as written, on a tiny model and dataset."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from trm_jax.configs import quickstart  # pylint: disable=g-import-not-at-top
   readme = (shared_paths.REPO_ROOT / "README.md").read_text()
   match = re.search(r"```python\n(.*?)```", readme, re.S)
   assert match, "README.md has no ```python block"
@@ -464,7 +464,7 @@ def test_readme_notebook_block_runs(sudoku_data, tmp_path, monkeypatch):
 def test_notebook_runs(sudoku_data, tmp_path, monkeypatch):
   """notebooks/quickstart.ipynb, every code cell in order (shell and magic lines
   left out: they install and start TensorBoard), on a tiny model and dataset."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from trm_jax.configs import quickstart  # pylint: disable=g-import-not-at-top
   notebook = json.loads((shared_paths.REPO_ROOT / "notebooks" / "quickstart.ipynb").read_text())
   cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
   assert cells

@@ -63,7 +63,7 @@ class Case:
 
 
 def _cases(model, batch: int, ops: list[str]) -> list[Case]:
-  from kernels import attention as attention_lib, rms_norm as rms_norm_lib, swiglu as swiglu_lib  # pylint: disable=g-import-not-at-top
+  from trm_jax.kernels import attention as attention_lib, rms_norm as rms_norm_lib, swiglu as swiglu_lib  # pylint: disable=g-import-not-at-top
   from trm_jax.models import layers  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(model.forward_dtype)
   length, dim = model.num_positions, model.hidden_size

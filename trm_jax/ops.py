@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import attention as attention_lib
-from kernels import rms_norm as rms_norm_lib
-from kernels import swiglu as swiglu_lib
+from trm_jax.kernels import attention as attention_lib
+from trm_jax.kernels import rms_norm as rms_norm_lib
+from trm_jax.kernels import swiglu as swiglu_lib
 
 IMPLEMENTATIONS = ("xla", "pallas")
 

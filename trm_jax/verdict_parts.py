@@ -52,7 +52,7 @@ def _error(e: BaseException) -> str:
 def load_config(name: str, overrides: dict[str, Any]):
   """``configs/<name>.py`` (``name`` may carry ``:variant``) with dotted-key overrides."""
   module_name, _, variant = name.partition(":")
-  config = importlib.import_module(f"configs.{module_name}").get_config(variant or None)
+  config = importlib.import_module(f"trm_jax.configs.{module_name}").get_config(variant or None)
   for key, value in overrides.items():
     *path, leaf = key.split(".")
     node = config

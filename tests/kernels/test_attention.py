@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention as attention_lib
+from trm_jax.kernels import attention as attention_lib
 
 
 def rope_tables(seq_len: int, head_dim: int):

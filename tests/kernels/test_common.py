@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels as kernels_lib
+from trm_jax import kernels as kernels_lib
 
 
 @pytest.mark.parametrize("backend, expected", [("cpu", True), ("gpu", False), ("tpu", False)])

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import rms_norm as rms_norm_lib
+from trm_jax.kernels import rms_norm as rms_norm_lib
 
 # (shape, dtype, eps, kernel kwargs). The last axis is the normalised one:
 # 97 and 916 are the mlp_t position axes (sudoku, ARC), 512 / 64 channel widths.

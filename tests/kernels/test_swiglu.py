@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import swiglu as swiglu_lib
+from trm_jax.kernels import swiglu as swiglu_lib
 
 
 def inter_width(width: int, expansion: float = 4.0) -> int:

@@ -15,9 +15,9 @@ from jax import export
 import jax.numpy as jnp
 import pytest
 
-from kernels import attention as attention_lib
-from kernels import rms_norm as rms_norm_lib
-from kernels import swiglu as swiglu_lib
+from trm_jax.kernels import attention as attention_lib
+from trm_jax.kernels import rms_norm as rms_norm_lib
+from trm_jax.kernels import swiglu as swiglu_lib
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
