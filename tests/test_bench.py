@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import shared_paths
 from trm_jax import bench
 from trm_jax.models import trm
@@ -116,3 +118,21 @@ def test_remat_lowers_the_train_step_memory():
     memory[remat] = bench.train_step_memory(config, 8, seq_len=128, vocab_size=6, num_puzzle_identifiers=3)
   assert memory["attention"] < 0.8 * memory["none"], memory
   assert memory["network"] < 0.8 * memory["none"], memory
+
+
+def test_profile_says_where_the_step_time_goes(tmp_path):
+  result = bench.benchmark(_tiny_config(), batch_per_device=4, num_steps=1, skip_eval=True,
+                           profile_dir=str(tmp_path / "trace"), profile_steps=2, **DIMS)
+  profile = result["train_profile"]
+  assert profile["trace"].startswith(str(tmp_path / "trace")) and profile["trace"].endswith(".xplane.pb")
+  assert sum(profile["share"].values()) == pytest.approx(1.0)
+  assert profile["share"]["matmul"] > 0 and profile["ops_per_step"] > 10  # a TRM step is many products
+  assert 0 < len(profile["top_ops_ms_per_step"]) <= 10
+  assert profile["op_ms_per_step"] >= max(profile["top_ops_ms_per_step"].values())
+
+
+def test_op_kinds():
+  from trm_jax import step_profile  # pylint: disable=g-import-not-at-top
+  assert [step_profile.kind_of(n) for n in ("ynn_fusion", "dot", "copy_bitcast_fusion", "transpose_copy_fusion",
+                                            "reduce_fusion", "add_divide_fusion", "triton_gemm")] == [
+      "matmul", "matmul", "copy_transpose", "copy_transpose", "reduce", "elementwise_other", "matmul"]

@@ -239,7 +239,7 @@ def find_max_batch(config, memory_limit: int, *, granularity: int = 8, log=lambd
 
 def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_steps: int = 2,
               seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0,
-              skip_eval: bool = False) -> dict:
+              skip_eval: bool = False, profile_dir: str = "", profile_steps: int = 2) -> dict:
   from trm_jax import act, steps  # pylint: disable=g-import-not-at-top
 
   setup = _setup(config, batch_per_device=batch_per_device, seq_len=seq_len, vocab_size=vocab_size,
@@ -269,6 +269,17 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   # jobs, steadier than the wall time (which counts the time others run).
   train_cpu_time = (time.process_time() - cpu0) / num_steps
 
+  profile = None
+  if profile_dir:
+    from trm_jax import step_profile  # pylint: disable=g-import-not-at-top
+    jax.profiler.start_trace(profile_dir)
+    try:
+      for _ in range(profile_steps):
+        jax.block_until_ready(one_step())
+    finally:
+      jax.profiler.stop_trace()
+    profile = step_profile.summarize(profile_dir, profile_steps)
+
   flops = step_flops(model, global_batch)
   peak = peak_flops(jax.devices()[0])
   result = {
@@ -287,6 +298,8 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "train_hfu": ((flops["train"] + flops["train_recomputed"]) / train_time / (peak * mesh.size)) if peak else None,
       "compile_train_s": compile_train,
   }
+  if profile is not None:
+    result["train_profile"] = profile
   if not skip_eval:
     state_sh = setup.state_sh
     eval_fn = jax.jit(lambda p, t, b: steps.eval_step(p, t, b, model=model),
@@ -323,6 +336,9 @@ def _define_flags():
   flags.DEFINE_integer("vocab_size", 0, "Vocabulary when data_path is absent (0: 12, as ARC).")
   flags.DEFINE_integer("num_puzzle_identifiers", 0, "Puzzle ids when data_path is absent (0: 1000).")
   flags.DEFINE_bool("skip_eval", False, "Time only the train step.")
+  flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps train steps into this directory and add "
+                      "where their time goes (trm_jax.step_profile) to the JSON line.")
+  flags.DEFINE_integer("profile_steps", 2, "Train steps traced with --profile_dir.")
   flags.DEFINE_bool("find_max_batch", False,
                     "Find the largest batch_per_device whose train step fits in device memory, then time it.")
   flags.DEFINE_float("memory_limit_gb", 0.0,
@@ -338,7 +354,8 @@ def main(argv):
   dims = dict(seq_len=FLAGS.seq_len, vocab_size=FLAGS.vocab_size,
               num_puzzle_identifiers=FLAGS.num_puzzle_identifiers)
   run = lambda batch: benchmark(FLAGS.config, batch_per_device=batch, num_steps=FLAGS.steps,
-                                eval_steps=FLAGS.eval_steps, skip_eval=FLAGS.skip_eval, **dims)
+                                eval_steps=FLAGS.eval_steps, skip_eval=FLAGS.skip_eval,
+                                profile_dir=FLAGS.profile_dir, profile_steps=FLAGS.profile_steps, **dims)
   try:
     if not FLAGS.find_max_batch:
       result = run(FLAGS.batch_per_device)
