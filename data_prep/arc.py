@@ -714,7 +714,7 @@ def build_arc_dataset(subsets: Sequence[SubsetFiles], test_set_name: str, output
     builder = {"builder": "data_prep.arc", "subsets": names, "test_set_name": test_set_name,
                "num_aug": num_aug, "seed": seed, "limit_puzzles": limit_puzzles}
     for split in ("train", "test"):
-      ds.finish_split(split, num_puzzle_identifiers=len(identifiers), pad_id=PAD_ID, ignore_label_id=PAD_ID,
+      ds.finish_split(split, task="arc", num_puzzle_identifiers=len(identifiers), pad_id=PAD_ID, ignore_label_id=PAD_ID,
                       blank_identifier_id=0, extra={"source": builder})
     ds.write_json(common.IDENTIFIERS_FILE, list(identifiers))
     ds.write_json(common.TEST_PUZZLES_FILE, test_puzzles)

@@ -457,10 +457,10 @@ def write_dataset(output_dir, grid_size: int, train: tuple[np.ndarray, np.ndarra
           w.add_puzzle(augment.dihedral_transform(gi, t).reshape(1, -1),
                        augment.dihedral_transform(gl, t).reshape(1, -1), 0)
         w.end_group()
-      info = {"task": "maze", "grid_size": n, "aug": bool(do_aug)}
+      info = {"grid_size": n, "aug": bool(do_aug)}
       if extra:
         info.update(extra)
-      metas[split] = ds.finish_split(split, num_puzzle_identifiers=1, mean_puzzle_examples=1.0,
+      metas[split] = ds.finish_split(split, task="maze", num_puzzle_identifiers=1, mean_puzzle_examples=1.0,
                                      extra=info)
     ds.write_json(common.IDENTIFIERS_FILE, ["<blank>"])
   return metas

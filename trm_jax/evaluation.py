@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import data as data_lib
 from trm_jax import monitor as monitor_lib
 from trm_jax import runs
@@ -96,4 +96,4 @@ def write_results(directory: pathlib.Path, results: Mapping[str, float]) -> None
   if jax.process_index() != 0:
     return
   directory.mkdir(parents=True, exist_ok=True)
-  data_common.write_json(directory / "results.json", dict(results))
+  dataset_format.write_json(directory / "results.json", dict(results))

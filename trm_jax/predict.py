@@ -33,7 +33,7 @@ import numpy as np
 
 from data_prep import arc as arc_data
 from data_prep import augment
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import arc_eval
 from trm_jax import errors
 from trm_jax import ttt
@@ -44,8 +44,8 @@ def _solutions_beside(challenges: pathlib.Path) -> pathlib.Path | None:
   name = challenges.name.removesuffix(".xz")
   if name.endswith("_challenges.json"):
     sibling = challenges.with_name(name[:-len("_challenges.json")] + "_solutions.json")
-    if data_common.input_exists(sibling):
-      return data_common.input_path(sibling)
+    if dataset_format.input_exists(sibling):
+      return dataset_format.input_path(sibling)
   return None
 
 
@@ -62,7 +62,7 @@ def versions_by_puzzle(identifiers: list[str]) -> dict[str, list[tuple[int, int,
 
 def load_challenges(input_path: pathlib.Path) -> list[arc_data.Puzzle]:
   """The puzzles of a challenges file (with the solutions beside it, when there are); UserError if bad."""
-  if not data_common.input_exists(input_path):
+  if not dataset_format.input_exists(input_path):
     raise errors.UserError(f"{input_path}: challenges file not found (--input)")
   files = arc_data.SubsetFiles("challenges", input_path, _solutions_beside(input_path))
   try:
@@ -91,7 +91,7 @@ def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[
   """Trains the new puzzles (``config.ttt``), runs the model on every version of every test
   input and writes the voted submission. ``started``: ``time.monotonic()`` at the start."""
   settings = ttt.settings(run.config)
-  with open(run.data_path / data_common.IDENTIFIERS_FILE) as f:
+  with open(run.data_path / dataset_format.IDENTIFIERS_FILE) as f:
     identifiers = json.load(f)
   versions = versions_by_puzzle(identifiers)
   known = [p for p in puzzles if versions.get(p.id)]
@@ -140,8 +140,8 @@ def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[
 
   meta_dir = pathlib.Path(tempfile.mkdtemp(prefix="trm-predict-"))
   try:
-    data_common.write_json(meta_dir / data_common.IDENTIFIERS_FILE, eval_identifiers)
-    data_common.write_json(meta_dir / data_common.TEST_PUZZLES_FILE, {p.id: p.raw for p in puzzles})
+    dataset_format.write_json(meta_dir / dataset_format.IDENTIFIERS_FILE, eval_identifiers)
+    dataset_format.write_json(meta_dir / dataset_format.TEST_PUZZLES_FILE, {p.id: p.raw for p in puzzles})
     evaluator = arc_eval.ARCEvaluator(meta_dir, pass_ks=tuple(run.config.arc_pass_ks),
                                       submission_k=run.config.arc_submission_k, blank_identifier_id=0)
     num_predictions = 0

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import act
 from trm_jax import data as data_lib
 from trm_jax import datasets
@@ -81,8 +81,8 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   data_path: pathlib.Path
-  train_info: data_common.SplitInfo | None
-  test_info: data_common.SplitInfo | None
+  train_info: dataset_format.SplitInfo | None
+  test_info: dataset_format.SplitInfo | None
   model: models.ModelConfig
   mesh: jax.sharding.Mesh
   optimizers: optim.Optimizers
@@ -91,7 +91,7 @@ class Run:
   eval_batch_size: int
 
 
-def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
+def model_config(config: ml_collections.ConfigDict, metadata: dataset_format.DatasetMetadata) -> models.ModelConfig:
   """The model config: ``config.model`` plus the dataset's sizes."""
   fields = dict(config.model.to_dict())
   fields.update(seq_len=metadata.seq_len, vocab_size=metadata.vocab_size,
@@ -115,10 +115,10 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"log_every_steps={config.log_every_steps} must be >= 1")
 
 
-def _load_split(path: pathlib.Path, split: str) -> data_common.SplitInfo:
+def _load_split(path: pathlib.Path, split: str) -> dataset_format.SplitInfo:
   try:
     return data_lib.load_dataset_info(path, split)
-  except data_common.DatasetFormatError as e:
+  except dataset_format.DatasetFormatError as e:
     raise UserError(f"dataset {path}: {e}") from None
 
 

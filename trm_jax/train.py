@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import data as data_lib
 from trm_jax import evaluate as evaluate_lib
@@ -238,7 +238,7 @@ def _train(run: runs.Run) -> dict[str, Any]:
       while step < stop_at and meta["iteration"] < run.total_iters:
         try:
           local = next(train_iter)
-        except data_common.DatasetFormatError:
+        except dataset_format.DatasetFormatError:
           save_before_raising()
           raise
         pass_done = train_iter.batch_index == 0

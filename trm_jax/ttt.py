@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_prep import arc as arc_data
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import data as data_lib
 from trm_jax import errors
 from trm_jax import monitor as monitor_lib
@@ -135,7 +135,7 @@ def eval_rows(run: runs.Run, eval_fn, params: Any, table: jax.Array, inputs_NxS:
     end = min(start + bs, inputs_NxS.shape[0])
     pad = bs - (end - start)
     batch = {"inputs": np.pad(inputs_NxS[start:end], ((0, pad), (0, 0))),
-             "labels": np.pad(labels_NxS[start:end], ((0, pad), (0, 0)), constant_values=data_common.IGNORE_LABEL),
+             "labels": np.pad(labels_NxS[start:end], ((0, pad), (0, 0)), constant_values=dataset_format.IGNORE_LABEL),
              "puzzle_identifiers": np.pad(ids_N[start:end], (0, pad))}
     batch = sharding.global_batch({k: v[lo:lo + local] for k, v in batch.items()}, run.mesh, bs)
     metrics, outputs = eval_fn(params, table, batch)
@@ -153,7 +153,7 @@ def demonstration_rows(puzzles: Sequence[arc_data.Puzzle], row_of: dict[str, int
     for inp, out in puzzle.split_pairs(False):
       inputs.append(arc_data.grid_canvas(inp).reshape(-1))
       label = arc_data.grid_canvas(out).reshape(-1).astype(np.int32)
-      labels.append(np.where(label == arc_data.PAD_ID, data_common.IGNORE_LABEL, label))
+      labels.append(np.where(label == arc_data.PAD_ID, dataset_format.IGNORE_LABEL, label))
       ids.append(row_of[puzzle.id])
   return (np.stack(inputs).astype(np.int32), np.stack(labels).astype(np.int32), np.asarray(ids, np.int32))
 
@@ -186,7 +186,7 @@ def _build_dataset(puzzles: Sequence[arc_data.Puzzle], directory: pathlib.Path, 
       ex.pop("output", None)  # never trained on, whatever the challenges file holds
     challenges[p.id] = raw
   path = directory / "challenges.json"
-  data_common.write_json(path, challenges)
+  dataset_format.write_json(path, challenges)
   captured = io.StringIO()
   with contextlib.redirect_stderr(captured):
     arc_data.build_arc_dataset([arc_data.SubsetFiles(arc_data.PREDICT_SUBSET_NAME, path, None)],
@@ -195,7 +195,7 @@ def _build_dataset(puzzles: Sequence[arc_data.Puzzle], directory: pathlib.Path, 
   for line in captured.getvalue().splitlines():  # the missing solutions are expected here
     if "no solutions file" not in line and not line.startswith("warning: 1 warning(s)"):
       print(line, file=sys.stderr)
-  with open(directory / "data" / data_common.IDENTIFIERS_FILE) as f:
+  with open(directory / "data" / dataset_format.IDENTIFIERS_FILE) as f:
     return json.load(f)
 
 
