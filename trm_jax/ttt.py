@@ -263,20 +263,20 @@ def run_ttt(run: runs.Run, params: Any, table: jax.Array, puzzles: Sequence[arc_
       return dataclasses.replace(run, config=ttt_config, model=ttt_model, optimizers=opt, total_steps=s.steps)
 
     plan = phases(s)
-    runs = [ttt_run(embeddings_only) for _, _, embeddings_only in plan] or [ttt_run(True)]
-    layouts = [runs.make_layout(r) for r in runs]
+    phase_runs = [ttt_run(embeddings_only) for _, _, embeddings_only in plan] or [ttt_run(True)]
+    layouts = [runs.make_layout(r) for r in phase_runs]
     layout = layouts[0]
     padded = layout.abstract_state.puzzle_emb.shape[0]
     extend = jax.jit(lambda t: sharding.pad_table(state_lib.extend_puzzle_table(t, rows, trained_rows=trained_rows),
                                                   padded), out_shardings=layout.state_shardings.puzzle_emb)
     table = extend(table)
-    eval_fn = evaluation.make_eval_fn(runs[0], layout)
+    eval_fn = evaluation.make_eval_fn(phase_runs[0], layout)
 
     row_of = {name: first_row + i for i, name in enumerate(names)}
     demo = demonstration_rows(puzzles, row_of)
-    before, times = demonstration_metrics(runs[0], eval_fn, params, table, demo)
+    before, times = demonstration_metrics(phase_runs[0], eval_fn, params, table, demo)
     if s.time_budget_s and len(times) < 2:  # the only batch included the compilation: time one more
-      _, more = demonstration_metrics(runs[0], eval_fn, params, table, demo)
+      _, more = demonstration_metrics(phase_runs[0], eval_fn, params, table, demo)
       times = times + more
     batch_s = float(np.median(times[1:] or times))
     bs = run.eval_batch_size
@@ -290,9 +290,9 @@ def run_ttt(run: runs.Run, params: Any, table: jax.Array, puzzles: Sequence[arc_
                     f"{s.num_aug}), {examples} demonstration examples; mode {s.mode}, {s.steps} steps of "
                     f"{s.batch_size}" + (f", time budget {s.time_budget_s:.0f}s (voting reserve {reserve_s:.0f}s)"
                                          if s.time_budget_s else ""))
-    params, table, done, stopped_by = _train(runs, layouts, plan, params, table, data_dir, s, monitor,
+    params, table, done, stopped_by = _train(phase_runs, layouts, plan, params, table, data_dir, s, monitor,
                                              deadline=deadline, reserve_s=reserve_s, first_row=first_row)
-    after, _ = demonstration_metrics(runs[0], eval_fn, params, table, demo)
+    after, _ = demonstration_metrics(phase_runs[0], eval_fn, params, table, demo)
   finally:
     monitor.close()
     shutil.rmtree(tmp, ignore_errors=True)
