@@ -135,6 +135,8 @@ class SplitInfo:
   sets: dict[str, SetIndex]
   # ``dataset.json["trm_jax"]["task"]``; None for a dataset built before tasks were recorded.
   task: str | None = None
+  # ``dataset.json["trm_jax"]["source"]["builder"]`` (e.g. "data_prep.arc"), when recorded.
+  builder: str | None = None
 
 
 def load_split(split_dir: str | os.PathLike) -> SplitInfo:
@@ -198,7 +200,9 @@ def load_split(split_dir: str | os.PathLike) -> SplitInfo:
   task = info.get("task")
   if task is not None and not (isinstance(task, str) and task):
     raise DatasetFormatError(f"{meta_path}: trm_jax.task must be a task name (a string), got {task!r}")
-  return SplitInfo(split_dir, meta, token_dtype, sets, task)
+  source = info.get("source")
+  builder = source.get("builder") if isinstance(source, dict) else None
+  return SplitInfo(split_dir, meta, token_dtype, sets, task, builder if isinstance(builder, str) else None)
 
 
 class ExampleReader:

@@ -69,9 +69,8 @@ def run_evaluation(run: runs.Run, eval_fn, params: Any, puzzle_emb: jax.Array, e
     monitor.log_eval(step, results)
     if image_batch is not None and config.num_image_samples > 0:
       n = config.num_image_samples
-      kind = monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size)
       panel = monitor_lib.prediction_panel(image_batch["inputs"][:n], image_batch["preds"][:n],
-                                           image_batch["labels"][:n], kind)
+                                           image_batch["labels"][:n], run.task.draw)
       monitor.log_images(step, "eval/predictions", panel)
   return results
 

@@ -1,4 +1,4 @@
-"""ARC prediction: a challenges JSON in, ``submission.json`` out (SPEC §9).
+"""ARC prediction, the ARC task's ``--mode=predict``: a challenges JSON in, ``submission.json`` out (SPEC §9).
 
 TRM learns one puzzle embedding per puzzle version (the original and its
 dihedral x colour augmentations), so a puzzle can be predicted well only if
@@ -31,12 +31,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from data_prep import arc as arc_data
-from data_prep import augment
 from trm_jax import dataset_format
-from trm_jax import arc_eval
 from trm_jax import errors
+from trm_jax import tasks
 from trm_jax import ttt
+from trm_jax.tasks import arc as arc_data
+from trm_jax.tasks import arc_eval
+from trm_jax.tasks import dihedral
 
 
 def _solutions_beside(challenges: pathlib.Path) -> pathlib.Path | None:
@@ -72,6 +73,21 @@ def load_challenges(input_path: pathlib.Path) -> list[arc_data.Puzzle]:
     raise errors.UserError(str(e)) from None
 
 
+def arc_settings(config: Any) -> dict[str, Any]:
+  """The voting settings: the first ``arc`` entry of ``config.evaluators``, else the ``arc`` defaults."""
+  for _, kind, settings in tasks.evaluator_settings(config.evaluators):
+    if kind is arc_eval.EVALUATOR:
+      return settings
+  return dict(arc_eval.DEFAULTS)
+
+
+def prepare(config: Any, input_path: pathlib.Path) -> list[arc_data.Puzzle]:
+  """Checks ``config.ttt`` and the evaluators' settings, then reads the challenges (UserError if bad)."""
+  ttt.settings(config)
+  arc_settings(config)
+  return load_challenges(input_path)
+
+
 def _rows(puzzles: list[arc_data.Puzzle], versions: dict[str, list[tuple[int, int, np.ndarray | None]]]
           ) -> tuple[list[int], list[np.ndarray]]:
   """(table row, input canvas) of every version of every test input."""
@@ -81,12 +97,12 @@ def _rows(puzzles: list[arc_data.Puzzle], versions: dict[str, list[tuple[int, in
     for identifier, tid, mapping in versions[puzzle.id]:
       for grid in test_inputs:
         mapped = grid if mapping is None else mapping[grid]
-        canvases.append(arc_data.grid_canvas(augment.dihedral_transform(mapped, tid)).reshape(-1))
+        canvases.append(arc_data.grid_canvas(dihedral.dihedral_transform(mapped, tid)).reshape(-1))
         ids.append(identifier)
   return ids, canvases
 
 
-def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[arc_data.Puzzle],
+def predict(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[arc_data.Puzzle],
                 output_path: pathlib.Path, *, step: int, started: float) -> dict[str, Any]:
   """Trains the new puzzles (``config.ttt``), runs the model on every version of every test
   input and writes the voted submission. ``started``: ``time.monotonic()`` at the start."""
@@ -142,8 +158,9 @@ def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[
   try:
     dataset_format.write_json(meta_dir / dataset_format.IDENTIFIERS_FILE, eval_identifiers)
     dataset_format.write_json(meta_dir / dataset_format.TEST_PUZZLES_FILE, {p.id: p.raw for p in puzzles})
-    evaluator = arc_eval.ARCEvaluator(meta_dir, pass_ks=tuple(run.config.arc_pass_ks),
-                                      submission_k=run.config.arc_submission_k, blank_identifier_id=0)
+    voting = arc_settings(run.config)
+    evaluator = arc_eval.ARCEvaluator(meta_dir, pass_ks=tuple(voting["pass_ks"]),
+                                      submission_k=voting["submission_k"], blank_identifier_id=0)
     num_predictions = 0
     for pass_params, pass_table, pass_eval_fn, ids, canvases in passes:
       if not canvases:

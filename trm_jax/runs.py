@@ -29,6 +29,7 @@ from trm_jax import models
 from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
+from trm_jax import tasks
 from trm_jax import workdir as workdir_lib
 from trm_jax.errors import UserError
 
@@ -83,6 +84,7 @@ class Run:
   data_path: pathlib.Path
   train_info: dataset_format.SplitInfo | None
   test_info: dataset_format.SplitInfo | None
+  task: tasks.Task  # what dataset.json records (trm_jax.tasks)
   model: models.ModelConfig
   mesh: jax.sharding.Mesh
   optimizers: optim.Optimizers
@@ -137,6 +139,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
   train_info = _load_split(data_path, "train") if need_train else None
   test_info = _load_split(data_path, "test") if need_test else None
   metadata = (train_info or test_info).metadata
+  try:
+    task = tasks.of_dataset(train_info or test_info)
+  except dataset_format.DatasetFormatError as e:
+    raise UserError(f"dataset {data_path}: {e}") from None
   if train_info is not None and test_info is not None:
     a, b = train_info.metadata, test_info.metadata
     if (a.seq_len, a.vocab_size, a.num_puzzle_identifiers) != (b.seq_len, b.vocab_size, b.num_puzzle_identifiers):
@@ -167,7 +173,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
       grad_clip_norm=config.grad_clip_norm or None, freeze_weights=config.freeze_weights,
       trainable_mask=state_lib.trainable_mask)
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
-             test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
+             test_info=test_info, task=task, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
              total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size)
 
 

@@ -33,13 +33,13 @@ import numpy as np
 from trm_jax import dataset_format
 from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import data as data_lib
-from trm_jax import evaluate as evaluate_lib
 from trm_jax import evaluation
 from trm_jax import monitor as monitor_lib
 from trm_jax import runs
 from trm_jax import sharding
 from trm_jax import state as state_lib
 from trm_jax import steps
+from trm_jax import tasks
 from trm_jax import workdir as workdir_lib
 from trm_jax.errors import NonFiniteLossError
 from trm_jax.errors import UserError
@@ -116,7 +116,7 @@ def _train(run: runs.Run) -> dict[str, Any]:
 
   meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None, "eval_pending": None}
   try:
-    evaluators = evaluate_lib.make_evaluators(config, run.data_path, run.test_info)
+    evaluators = tasks.make_evaluators(config.evaluators, run.data_path, run.test_info)
   except ValueError as e:
     raise UserError(str(e)) from None
   latest = checkpointer.latest_step()
