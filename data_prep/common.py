@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from trm_jax import dataset_format
+from trm_jax import tasks
 # Re-exported: the builders and their tests name them as ``common.X``.
 from trm_jax.dataset_format import (  # pylint: disable=unused-import
     DEFAULT_EXAMPLES_PER_SHARD, FORMAT_NAME, IDENTIFIERS_FILE, IGNORE_LABEL, METADATA_FILE, TEST_PUZZLES_FILE,
@@ -185,6 +186,7 @@ class DatasetWriter:
     ``task``: the ``trm_jax.tasks`` name of what the data is for, recorded so
     that nothing has to guess it from the shapes.
     """
+    tasks.get(task)  # a task trm_jax knows, or a one-line error listing them
     writers = self._set_writers.get(split)
     if not writers:
       raise ValueError(f"split {split!r} has no sets")

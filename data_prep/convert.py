@@ -40,6 +40,7 @@ import numpy as np
 
 from data_prep import common
 from trm_jax import errors
+from trm_jax import tasks
 
 ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 INDEX_DTYPE = np.dtype("<i4")
@@ -162,6 +163,8 @@ def import_original(src: str | pathlib.Path, dst: str | pathlib.Path, *, task: s
   ``task`` is recorded in its dataset.json (the original's files do not say
   which task they hold; see ``trm_jax.tasks``).
   """
+  if task not in tasks.TASKS:
+    raise ConvertError(f"--task={task!r}: expected one of {tuple(tasks.TASKS)}")
   src = pathlib.Path(src)
   splits = _split_dirs(src)
   metas = {}
@@ -284,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   exp.add_argument("src", help="trm-jax dataset directory")
   exp.add_argument("dst", help="original-layout directory to create")
   imp.add_argument("--task", default="generic",
-                   help="the task the data is for, recorded in dataset.json: arc, sudoku, maze or generic "
+                   help=f"the task the data is for, recorded in dataset.json: one of {tuple(tasks.TASKS)} "
                         "(default %(default)s: no task-specific drawing or prediction)")
   for q in (imp, exp):
     q.add_argument("--overwrite", action="store_true", help="replace dst if it exists")

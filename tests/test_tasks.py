@@ -52,6 +52,19 @@ def test_every_builder_records_its_task(built, name, task):
     assert tasks.of_dataset(info).name == task
 
 
+def test_unknown_task_is_refused_by_the_writers(built, tmp_path):
+  with pytest.raises(convert.ConvertError, match=r"--task='mazes': expected one of \('arc', 'sudoku', 'maze', "
+                                                 r"'generic'\)"):
+    convert.import_original(built / "original", tmp_path / "x", task="mazes")
+  with common.DatasetWriter(tmp_path / "y") as ds:
+    w = ds.set_writer("train", "all", 4, 3)
+    w.add_puzzle(np.ones((1, 4), np.int64), np.ones((1, 4), np.int64), 0)
+    w.end_group()
+    with pytest.raises(errors.UserError, match=r"task 'mazes': expected one of"):
+      ds.finish_split("train", task="mazes", num_puzzle_identifiers=1)
+    ds.finish_split("train", task="generic", num_puzzle_identifiers=1)
+
+
 def test_export_leaves_the_task_out(built):
   raw = json.loads((built / "original" / "train" / dataset_format.METADATA_FILE).read_text())
   assert "trm_jax" not in raw and "task" not in raw
