@@ -183,6 +183,16 @@ def test_arc_evaluator_settings_reach_it(built):
   assert ev.state() is None  # not pooled: nothing to save
 
 
+def test_evaluator_keys_from_the_command_line():
+  code = ("import sys; sys.argv = ['launch.py', '--config=configs/arc.py', '--config.evaluators.arc.pass_ks=1,2', "
+          "'--config.evaluators.arc.submission_k=3']; import launch; launch.parse_flags(sys.argv); "
+          "from trm_jax import tasks; print([s for _, _, s in tasks.evaluator_settings(launch.FLAGS.config.evaluators)])")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[{'pass_ks': (1, 2), 'submission_k': 3, 'aggregated_voting': True}]"
+
+
 def test_old_checkpoint_with_evaluators_as_a_string_is_compatible():
   """A checkpoint's config from before (``evaluators="arc"`` and loose ``arc_*`` keys) against today's: the
   evaluators are not structural, so resuming and evaluating it are allowed."""
