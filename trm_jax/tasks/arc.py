@@ -34,14 +34,12 @@ PUZZLE_ID_SEPARATOR = "|||"
 # A solutions file that is absent for a subset that is not the test set is
 # filled with this output, as the original does.
 DUMMY_OUTPUT = [[0]]
-
-
 # The subset name of a dataset built from one challenges file (``--challenges-file``).
 PREDICT_SUBSET_NAME = "challenges"
 
 
 class ArcDataError(errors.UserError, ValueError):
-  """The ARC input files or the build flags are not what the builder needs."""
+  """The ARC input files (or a builder's flags) are not what ARC needs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +217,10 @@ def load_subset(files: SubsetFiles, *, is_test_set: bool, allow_missing_test_sol
           ex.pop("output", None)  # no solutions: the evaluator must not score against anything
     puzzles.append(Puzzle(pid, files.name, pairs, to_test, raw))
   return puzzles
+
+
+# ---------------------------------------------------------------------------
+# Augmented versions' names, and the canvas.
 
 
 def aug_name(puzzle_id: str, tid: int, mapping: np.ndarray) -> str:
