@@ -5,7 +5,10 @@ Variants: ``configs/arc.py:arc1`` (default; ARC-AGI-1 data) and
 settings: ``configs/arc.py:arc1,hrm``.
 """
 
+import ml_collections
+
 from trm_jax.configs import default
+from trm_jax import tasks
 
 DATA_PATHS = {"arc1": "data/arc1concept-aug-1000", "arc2": "data/arc2concept-aug-1000"}
 
@@ -28,7 +31,7 @@ def get_config(arg: str | None = None):
   # of f needs about 244 MB per example for ~20% more FLOPs. With
   # kernels="pallas", remat="none" (138 MB per example) is the faster choice.
   c.model.remat = "network"
-  c.evaluators = "arc"
+  c.evaluators = ml_collections.ConfigDict({"arc": tasks.evaluator_config("arc")})
   c.best_metric = "ARC/pass@2"
   default.apply_arch(c, arch)
   c.lock()

@@ -104,10 +104,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat = "none"  # recompute in the backward pass to save memory: "none", "attention" or "network"
 
   # --- Evaluation (SPEC §9).
-  c.evaluators = ""  # comma-separated extra evaluators: "arc", "maze" (exact accuracy is always reported)
-  c.arc_pass_ks = (1, 2, 5, 10, 100, 1000)  # ARC pass@K reported
-  c.arc_submission_k = 2  # attempts per test input in submission.json
-  c.arc_aggregated_voting = True  # pool ARC votes over every evaluation of a run (the original's default)
+  # Extra evaluators (exact accuracy is always reported), one entry each: name -> {type, that type's keys}
+  # (trm_jax.tasks; configs/arc.py and maze.py set theirs). Types: "arc" (pass_ks: pass@K reported;
+  # submission_k: attempts per test input in submission.json; aggregated_voting: pool the votes of every
+  # evaluation of a run, the original's default) and "maze" (no keys). Override e.g.
+  # --config.evaluators.arc.pass_ks=1,2.
+  c.evaluators = ml_collections.ConfigDict()
   c.best_metric = "all/exact_accuracy"  # evaluation metric that picks the best checkpoint
   c.best_mode = "max"  # "max" or "min"
 

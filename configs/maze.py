@@ -4,7 +4,10 @@ Another architecture with its paper settings: ``configs/maze.py:hrm`` (any of
 ``trm_jax.models.ARCHITECTURES``).
 """
 
+import ml_collections
+
 from trm_jax.configs import default
+from trm_jax import tasks
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +23,7 @@ def get_config(arg: str | None = None):
   c.ema = True
   c.model.L_cycles = 4
   c.model.remat = "network"  # same shapes as ARC: see configs/arc.py for why
-  c.evaluators = "maze"
+  c.evaluators = ml_collections.ConfigDict({"maze": tasks.evaluator_config("maze")})
   c.best_metric = "all/exact_accuracy"
   default.apply_arch(c, arch)
   c.lock()

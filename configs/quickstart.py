@@ -13,6 +13,7 @@ with no puzzle equivalent to a train puzzle. Variants:
 import ml_collections
 
 from trm_jax.configs import default
+from trm_jax import tasks
 
 
 def get_config(arg: str | None = None):
@@ -53,7 +54,7 @@ def get_config(arg: str | None = None):
     m.mlp_t = True
     m.pos_encodings = "none"
   else:
-    c.evaluators = "maze"
+    c.evaluators = ml_collections.ConfigDict({"maze": tasks.evaluator_config("maze")})
   # Another architecture: its paper's layers and cycles at the quickstart's width.
   default.apply_arch(c, arch, skip=("hidden_size", "num_heads"))
   c.lock()

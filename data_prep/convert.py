@@ -40,6 +40,7 @@ import numpy as np
 
 from data_prep import common
 from trm_jax import errors
+from trm_jax import tasks
 
 ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 INDEX_DTYPE = np.dtype("<i4")
@@ -154,10 +155,16 @@ def _load_original_set(split_dir: pathlib.Path, set_name: str, seq_len: int) -> 
   return arrays
 
 
-def import_original(src: str | pathlib.Path, dst: str | pathlib.Path, *, overwrite: bool = False,
+def import_original(src: str | pathlib.Path, dst: str | pathlib.Path, *, task: str = "generic", overwrite: bool = False,
                     examples_per_shard: int = common.DEFAULT_EXAMPLES_PER_SHARD,
                     window_rows: int = CHUNK_EXAMPLES) -> None:
-  """Writes the original-layout dataset ``src`` as a trm-jax dataset at ``dst``."""
+  """Writes the original-layout dataset ``src`` as a trm-jax dataset at ``dst``.
+
+  ``task`` is recorded in its dataset.json (the original's files do not say
+  which task they hold; see ``trm_jax.tasks``).
+  """
+  if task not in tasks.TASKS:
+    raise ConvertError(f"--task={task!r}: expected one of {tuple(tasks.TASKS)}")
   src = pathlib.Path(src)
   splits = _split_dirs(src)
   metas = {}
@@ -198,7 +205,7 @@ def import_original(src: str | pathlib.Path, dst: str | pathlib.Path, *, overwri
         finally:
           for r in readers:
             r.close()
-      ds.finish_split(split_dir.name, num_puzzle_identifiers=int(meta["num_puzzle_identifiers"]),
+      ds.finish_split(split_dir.name, task=task, num_puzzle_identifiers=int(meta["num_puzzle_identifiers"]),
                       extra={"source": {"converted_from": "original", "original_token_dtypes": dtypes}})
       # Keep the original's metadata values as they are.
       ours = _read_json_file(ds.tmp_dir / split_dir.name / common.METADATA_FILE)
@@ -279,12 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   exp = sub.add_parser("export", help="trm-jax format -> original layout")
   exp.add_argument("src", help="trm-jax dataset directory")
   exp.add_argument("dst", help="original-layout directory to create")
+  imp.add_argument("--task", default="generic",
+                   help=f"the task the data is for, recorded in dataset.json: one of {tuple(tasks.TASKS)} "
+                        "(default %(default)s: no task-specific drawing or prediction)")
   for q in (imp, exp):
     q.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
   args = p.parse_args(argv)
   try:
     if args.command == "import":
-      import_original(args.src, args.dst, overwrite=args.overwrite)
+      import_original(args.src, args.dst, task=args.task, overwrite=args.overwrite)
     else:
       export_original(args.src, args.dst, overwrite=args.overwrite)
   except (ConvertError, FileExistsError) as e:

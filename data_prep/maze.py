@@ -1,4 +1,4 @@
-"""Maze-Hard datasets: from the original CSVs or generated; the "valid and shortest" check.
+"""Maze-Hard datasets: from the original CSVs or generated.
 
 ``python -m data_prep.maze {csv,generate} --help``.
 
@@ -38,13 +38,16 @@ from typing import Sequence
 import numba
 import numpy as np
 
-from data_prep import augment
 from data_prep import common
 from trm_jax import errors
+from trm_jax.tasks import dihedral
+# The maze task's tokens and its "valid and shortest" check (``trm_jax.tasks.maze``), named here as before.
+from trm_jax.tasks.maze import (  # pylint: disable=unused-import
+    GOAL, OPEN, PAD, PATH, START, VOCAB_SIZE, WALL, shortest_path_lengths, valid_shortest_path)
+from trm_jax.tasks.maze import DIRS as _DIRS
+from trm_jax.tasks.maze import bfs as _bfs
 
 CHARSET = "# SGo"
-PAD, WALL, OPEN, START, GOAL, PATH = range(6)
-VOCAB_SIZE = len(CHARSET) + 1
 CSV_HEADER = ("source", "question", "answer", "rating")
 DEFAULT_GRID_SIZE = 30
 DEFAULT_WALL_FRACTION = (0.3, 0.5)
@@ -54,41 +57,13 @@ _CHAR_TO_TOKEN = np.zeros(256, np.uint8)  # 0: not a maze character
 _CHAR_TO_TOKEN[[ord(c) for c in CHARSET]] = np.arange(1, len(CHARSET) + 1)
 _TOKEN_TO_CHAR = np.frombuffer(("?" + CHARSET).encode(), np.uint8)
 
-# The fixed direction order of the path tie-break: up, down, left, right.
-_DIRS = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], np.int64)
-
 
 class InputError(errors.UserError, ValueError):
   """Bad user input (a file, a row, a flag); the CLI prints it on one line."""
 
 
 # ---------------------------------------------------------------------------
-# BFS kernels (numba).
-
-
-@numba.njit(cache=True, nogil=True)
-def _bfs(passable, n, source, dist, queue):
-  """Distances (steps) from ``source`` over passable cells of an ``n x n`` grid; -1 unreachable."""
-  dist[:] = -1
-  dist[source] = 0
-  queue[0] = source
-  head = 0
-  tail = 1
-  while head < tail:
-    c = queue[head]
-    head += 1
-    r = c // n
-    k = c % n
-    d = dist[c] + 1
-    for j in range(4):
-      rr = r + _DIRS[j, 0]
-      kk = k + _DIRS[j, 1]
-      if 0 <= rr < n and 0 <= kk < n:
-        nb = rr * n + kk
-        if passable[nb] and dist[nb] < 0:
-          dist[nb] = d
-          queue[tail] = nb
-          tail += 1
+# The label's path (numba).
 
 
 @numba.njit(cache=True, nogil=True)
@@ -112,109 +87,6 @@ def _mark_path(tokens, n, start, goal, dist_to_goal):
           break
     if c != goal:
       tokens[c] = 5  # PATH
-
-
-@numba.njit(cache=True, nogil=True)
-def _valid_shortest(inputs, preds, n, out):
-  size = n * n
-  passable = np.empty(size, np.uint8)
-  dist = np.empty(size, np.int32)
-  queue = np.empty(size, np.int64)
-  for b in range(inputs.shape[0]):
-    out[b] = False
-    inp = inputs[b]
-    pred = preds[b]
-    start = -1
-    goal = -1
-    n_start = 0
-    n_goal = 0
-    ok = True
-    for c in range(size):
-      t = inp[c]
-      if t == 3:
-        start = c
-        n_start += 1
-      elif t == 4:
-        goal = c
-        n_goal += 1
-      elif t != 1 and t != 2:
-        ok = False  # Padding, a path token or garbage in the input.
-    if not ok or n_start != 1 or n_goal != 1:
-      continue
-    # Shortest length over open cells.
-    for c in range(size):
-      passable[c] = 1 if inp[c] != 1 else 0
-    _bfs(passable, n, start, dist, queue)
-    shortest = dist[goal]
-    if shortest < 0:
-      continue
-    # The prediction: the input everywhere, except PATH on some open cells.
-    n_path = 0
-    for c in range(size):
-      p = pred[c]
-      if p == 5:
-        if inp[c] != 2:
-          ok = False
-          break
-        n_path += 1
-      elif p != inp[c]:
-        ok = False
-        break
-    if not ok or n_path != shortest - 1:
-      continue
-    # Reachable through marked cells only => a path of >= shortest steps whose
-    # shortest-1 interior cells are all the marked ones: a shortest path.
-    for c in range(size):
-      passable[c] = 1 if (pred[c] == 5 or c == goal or c == start) else 0
-    _bfs(passable, n, start, dist, queue)
-    out[b] = dist[goal] == shortest
-
-
-def valid_shortest_path(inputs_BxS: np.ndarray, preds_BxS: np.ndarray,
-                        grid_size: int) -> np.ndarray:
-  """Whether each predicted maze solution is a valid shortest path (any of the ties).
-
-  Args:
-    inputs_BxS: ``[B, grid_size**2]`` input tokens (1 wall, 2 open, 3 start,
-      4 goal), row by row.
-    preds_BxS: ``[B, grid_size**2]`` predicted tokens (argmax of the logits).
-    grid_size: ``n`` of the ``n x n`` grid.
-
-  Returns:
-    ``bool[B]``: true exactly when the prediction equals the input on every
-    cell except some open cells marked 5 (path), and those marked cells are
-    the interior of a 4-connected simple path from the start to the goal
-    whose length (steps) is the BFS shortest length. So: walls, open cells,
-    S and G predicted as themselves, nothing else marked, no gaps, no detour.
-    Rows whose input is not a maze with exactly one S and one G (e.g. the
-    padding rows of a last test batch, all 0) and mazes with no S->G path are
-    False.
-  """
-  inputs = np.ascontiguousarray(inputs_BxS, np.int64)
-  preds = np.ascontiguousarray(preds_BxS, np.int64)
-  if inputs.ndim != 2 or inputs.shape != preds.shape or inputs.shape[1] != grid_size * grid_size:
-    raise ValueError(f"valid_shortest_path: inputs and preds must both be [B, {grid_size}**2], "
-                     f"got {inputs.shape} and {preds.shape}")
-  out = np.zeros(inputs.shape[0], np.bool_)
-  if inputs.shape[0]:
-    _valid_shortest(inputs, preds, int(grid_size), out)
-  return out
-
-
-def shortest_path_lengths(inputs_BxS: np.ndarray, grid_size: int) -> np.ndarray:
-  """BFS S->G distance (steps) per maze; -1 when unreachable or S/G missing."""
-  inputs = np.asarray(inputs_BxS, np.int64).reshape(-1, grid_size * grid_size)
-  out = np.full(inputs.shape[0], -1, np.int64)
-  size = grid_size * grid_size
-  dist = np.empty(size, np.int32)
-  queue = np.empty(size, np.int64)
-  for b, inp in enumerate(inputs):
-    s, g = np.flatnonzero(inp == START), np.flatnonzero(inp == GOAL)
-    if len(s) != 1 or len(g) != 1:
-      continue
-    _bfs((inp != WALL).astype(np.uint8), grid_size, int(s[0]), dist, queue)
-    out[b] = dist[g[0]]
-  return out
 
 
 def solve_maze(inputs_S: np.ndarray, grid_size: int) -> np.ndarray:
@@ -357,8 +229,8 @@ def dihedral_keys(inputs_NxS: np.ndarray, grid_size: int) -> list[bytes]:
   """A key per maze equal for mazes that are dihedral transforms of each other."""
   out = []
   for inp in np.asarray(inputs_NxS, np.uint8).reshape(-1, grid_size, grid_size):
-    versions = (np.ascontiguousarray(augment.dihedral_transform(inp, t)).tobytes()
-                for t in range(augment.NUM_DIHEDRAL))
+    versions = (np.ascontiguousarray(dihedral.dihedral_transform(inp, t)).tobytes()
+                for t in range(dihedral.NUM_DIHEDRAL))
     out.append(min(hashlib.blake2b(v, digest_size=16).digest() for v in versions))
   return out
 
@@ -453,14 +325,14 @@ def write_dataset(output_dir, grid_size: int, train: tuple[np.ndarray, np.ndarra
       for inp, lab in zip(inputs, labels):
         gi = np.asarray(inp).reshape(n, n)
         gl = np.asarray(lab).reshape(n, n)
-        for t in range(augment.NUM_DIHEDRAL if do_aug else 1):
-          w.add_puzzle(augment.dihedral_transform(gi, t).reshape(1, -1),
-                       augment.dihedral_transform(gl, t).reshape(1, -1), 0)
+        for t in range(dihedral.NUM_DIHEDRAL if do_aug else 1):
+          w.add_puzzle(dihedral.dihedral_transform(gi, t).reshape(1, -1),
+                       dihedral.dihedral_transform(gl, t).reshape(1, -1), 0)
         w.end_group()
-      info = {"task": "maze", "grid_size": n, "aug": bool(do_aug)}
+      info = {"grid_size": n, "aug": bool(do_aug)}
       if extra:
         info.update(extra)
-      metas[split] = ds.finish_split(split, num_puzzle_identifiers=1, mean_puzzle_examples=1.0,
+      metas[split] = ds.finish_split(split, task="maze", num_puzzle_identifiers=1, mean_puzzle_examples=1.0,
                                      extra=info)
     ds.write_json(common.IDENTIFIERS_FILE, ["<blank>"])
   return metas

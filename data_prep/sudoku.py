@@ -394,10 +394,10 @@ def write_dataset(output_dir: str | os.PathLike, train: tuple[np.ndarray, np.nda
         w.end_group()
         if progress and n * (1 + n_aug) >= 100_000 and (i + 1) % max(1, n // 10) == 0:
           print(f"  {split}: {i + 1}/{n} puzzles ({time.time() - t0:.0f}s)", file=sys.stderr)
-      info = {"task": "sudoku", "num_aug": int(n_aug)}
+      info = {"num_aug": int(n_aug)}
       if extra:
         info.update(extra)
-      metas[split] = ds.finish_split(split, num_puzzle_identifiers=1, mean_puzzle_examples=1.0,
+      metas[split] = ds.finish_split(split, task="sudoku", num_puzzle_identifiers=1, mean_puzzle_examples=1.0,
                                      extra=info)
     ds.write_json(common.IDENTIFIERS_FILE, ["<blank>"])
   return metas

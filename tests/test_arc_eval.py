@@ -1,13 +1,13 @@
-"""Tests of the ARC evaluator (trm_jax.arc_eval) on a small real build."""
+"""Tests of the ARC evaluator (trm_jax.tasks.arc_eval) on a small real build."""
 import json
 
 import numpy as np
 import pytest
 
 from data_prep import arc
-from data_prep import augment
 from data_prep import common
-from trm_jax import arc_eval
+from trm_jax.tasks import arc_eval
+from trm_jax.tasks import dihedral
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _augmented_canvas(name: str, grid) -> np.ndarray:
   _, tid, mapping = arc.parse_aug_name(name)
   grid = np.asarray(grid, np.uint8)
   if mapping is not None:
-    grid = augment.dihedral_transform(mapping[grid], tid)
+    grid = dihedral.dihedral_transform(mapping[grid], tid)
   return arc.grid_canvas(grid).ravel()
 
 
@@ -77,7 +77,7 @@ def test_inverse_aug_undoes_every_version():
     name = arc.aug_name("p", tid, mapping)
     orig, undo = arc_eval.inverse_aug(name)
     assert orig == "p"
-    assert np.array_equal(undo(augment.dihedral_transform(mapping[grid], tid)), grid)
+    assert np.array_equal(undo(dihedral.dihedral_transform(mapping[grid], tid)), grid)
   assert arc_eval.inverse_aug("p")[0] == "p"
 
 

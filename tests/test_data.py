@@ -40,7 +40,7 @@ def _write_split(writer, split, sets, rng, **finish_kwargs):
     written[name] = dict(inputs=np.concatenate(inputs), labels=np.concatenate(labels),
                          puzzle_identifiers=np.asarray(identifiers), puzzle_indices=np.asarray(pidx),
                          group_indices=np.asarray(gidx))
-  writer.finish_split(split, num_puzzle_identifiers=next_identifier, **finish_kwargs)
+  writer.finish_split(split, task="generic", num_puzzle_identifiers=next_identifier, **finish_kwargs)
   return written
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from data_prep import arc
-from data_prep import augment
 from data_prep import common
+from trm_jax.tasks import dihedral
 
 LIMIT = 4
 NUM_AUG = 3
@@ -50,7 +50,7 @@ def _undo(name: str, grid: np.ndarray) -> tuple[str, np.ndarray]:
   orig, tid, mapping = arc.parse_aug_name(name)
   if mapping is None:
     return orig, grid
-  return orig, np.argsort(mapping).astype(np.uint8)[augment.inverse_dihedral_transform(grid, tid)]
+  return orig, np.argsort(mapping).astype(np.uint8)[dihedral.inverse_dihedral_transform(grid, tid)]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_translation_draws_follow_the_original_rule():
   for v, (tid, m) in enumerate(zip(tids, maps)):
     keep = ref.randint(0, len(pairs))
     for e, (inp, out) in enumerate(pairs):
-      ti, to = (augment.dihedral_transform(m[g], tid) for g in (inp, out))
+      ti, to = (dihedral.dihedral_transform(m[g], tid) for g in (inp, out))
       pr = pc = 0
       if e != keep:
         pr = ref.randint(0, 30 - max(ti.shape[0], to.shape[0]) + 1)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import errors
 from trm_jax import inference
 from trm_jax import runs
+from trm_jax import tasks
 from trm_jax import train
 
 REPO = shared_paths.REPO_ROOT
@@ -69,6 +71,9 @@ def sudoku_data(tmp_path_factory):
   path = tmp_path_factory.mktemp("data") / "sudoku"
   sudoku.build_generated(path, num_train=24, num_test=20, num_aug=3, seed=0, target_clues=50)
   return path
+
+
+ARC_EVALUATORS = ml_collections.ConfigDict({"arc": tasks.evaluator_config("arc")})
 
 
 def tiny_config(data_path, **overrides):
@@ -239,7 +244,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sudoku_data, tmp_p
     ({"model.num_heads": 64}, "num_heads=64 is larger than hidden_size=32"),
     ({"model.arch": "hrn"}, r"config\.model\.arch='hrn': expected one of \('trm', 'trm_singlez', 'trm_hier6', 'hrm', "
                             r"'transformers_baseline'\)"),
-    ({"evaluators": "arc,sudoku"}, "unknown"),
+    ({"evaluators": ml_collections.ConfigDict({"sudoku": {"type": "sudoku"}})},
+     r"config\.evaluators\.sudoku\.type='sudoku': expected one of \('arc', 'maze'\)"),
+    ({"evaluators": ml_collections.ConfigDict({"arc": {"pass_k": [1]}})},
+     r"config\.evaluators\.arc: unknown key\(s\) \['pass_k'\]; a 'arc' evaluator takes "
+     r"\['aggregated_voting', 'pass_ks', 'submission_k'\]"),
+    ({"evaluators": ml_collections.ConfigDict({"arc": {"type": "arc"}})},
+     r"config\.evaluators\.arc \('arc'\): .*test_puzzles\.json: missing"),
 ])
 def test_bad_config_errors(sudoku_data, tmp_path, overrides, message):
   with pytest.raises(errors.UserError, match=message):
@@ -299,8 +310,8 @@ def test_continue_a_run_on_another_dataset(full_run, sudoku_data, second_sudoku,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"data_path": "{a},{b}", "evaluators": "maze"}, r"^evaluators='maze' read one test dataset's files, but the "
-                                                      r"test data has 2 directories"),
+    ({"data_path": "{a},{b}", "evaluators": ml_collections.ConfigDict({"maze": {"type": "maze"}})},
+     r"^evaluators \['maze'\] read one test dataset's files, but the test data has 2 directories"),
     ({"data_path": "{a},{missing}"}, r"^data_path '.*missing' does not exist"),
     ({"data_path": "{a},{missing}", "data_build": "sudoku"}, r"^data_build builds one directory, but data_path "
                                                               r"lists 2"),
@@ -309,7 +320,7 @@ def test_continue_a_run_on_another_dataset(full_run, sudoku_data, second_sudoku,
 ])
 def test_data_path_list_errors(sudoku_data, second_sudoku, tmp_path, overrides, message):
   paths = {"a": sudoku_data, "b": second_sudoku, "missing": tmp_path / "missing"}
-  overrides = {k: v.format(**paths) for k, v in overrides.items()}
+  overrides = {k: v.format(**paths) if isinstance(v, str) else v for k, v in overrides.items()}
   config = tiny_config(overrides.pop("data_path", sudoku_data), **overrides)
   with pytest.raises(errors.UserError, match=message):
     runs.setup(config, tmp_path / "run")
@@ -378,7 +389,7 @@ def arc_run(tmp_path_factory):
   datasets.build("arc", root / "data", dict(subsets=["evaluation"], test_set_name="evaluation", num_aug=1,
                                             limit_puzzles=3, verbose=False,
                                             input_file_prefix=str(shared_paths.DATA_DIR / "arc" / "arc-agi")))
-  config = tiny_config(root / "data", global_batch_size=8, epochs=2, eval_interval=2, evaluators="arc",
+  config = tiny_config(root / "data", global_batch_size=8, epochs=2, eval_interval=2, evaluators=ARC_EVALUATORS,
                        best_metric="ARC/pass@2", **{"model.mlp_t": False, "model.pos_encodings": "rope",
                                                     "model.puzzle_emb_len": 2})
   summary = train.train_and_evaluate(config, root / "run")

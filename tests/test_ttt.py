@@ -15,6 +15,7 @@ from trm_jax import inference
 from trm_jax import state as state_lib
 from trm_jax import train
 from trm_jax import ttt
+from test_train import ARC_EVALUATORS
 from test_train import tiny_config
 
 ARC = shared_paths.DATA_DIR / "arc"
@@ -58,7 +59,7 @@ def arc_run(tmp_path_factory):
   datasets.build("arc", root / "data", dict(subsets=["evaluation"], test_set_name="evaluation", num_aug=1,
                                             limit_puzzles=KNOWN, verbose=False,
                                             input_file_prefix=str(ARC / "arc-agi")))
-  config = tiny_config(root / "data", global_batch_size=8, epochs=2, eval_interval=2, evaluators="arc",
+  config = tiny_config(root / "data", global_batch_size=8, epochs=2, eval_interval=2, evaluators=ARC_EVALUATORS,
                        best_metric="ARC/pass@2", tensorboard=False,
                        **{"model.mlp_t": False, "model.pos_encodings": "rope", "model.puzzle_emb_len": 2})
   train.train_and_evaluate(config, root / "run")

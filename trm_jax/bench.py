@@ -119,17 +119,17 @@ class _Setup:
 def model_for(config, *, seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0):
   """The model config the benchmarks time: the dataset's sizes when ``data_path``
   holds one, else the given ones (0: ARC's 900 tokens, vocabulary 12, 1000 ids)."""
-  from data_prep import common  # pylint: disable=g-import-not-at-top
+  from trm_jax import dataset_format  # pylint: disable=g-import-not-at-top
   from trm_jax import runs  # pylint: disable=g-import-not-at-top
   split = pathlib.Path(config.data_path) / "train"
-  if config.data_path and (split / common.METADATA_FILE).is_file():
-    meta = common.load_split(split).metadata
+  if config.data_path and (split / dataset_format.METADATA_FILE).is_file():
+    meta = dataset_format.load_split(split).metadata
     seq_len, vocab_size, num_ids = meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers
   else:
     seq_len, vocab_size, num_ids = seq_len or 900, vocab_size or 12, num_puzzle_identifiers or 1000
-  metadata = common.DatasetMetadata(seq_len=seq_len, vocab_size=vocab_size, pad_id=0, ignore_label_id=0,
-                                    blank_identifier_id=0, num_puzzle_identifiers=num_ids, total_groups=1,
-                                    mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
+  metadata = dataset_format.DatasetMetadata(
+      seq_len=seq_len, vocab_size=vocab_size, pad_id=0, ignore_label_id=0, blank_identifier_id=0,
+      num_puzzle_identifiers=num_ids, total_groups=1, mean_puzzle_examples=1.0, total_puzzles=1, sets=["all"])
   return runs.model_config(config, metadata)
 
 

@@ -1,6 +1,6 @@
 """Input pipeline (SPEC §7–§8): train and test batches from a data_prep dataset.
 
-The dataset format is the one of ``data_prep.common`` (ArrayRecord shards of
+The dataset format is the one of ``trm_jax.dataset_format`` (ArrayRecord shards of
 examples, per-set index arrays, ``dataset.json``). Reading, decoding and
 prefetching run on grain; the sampler is plain numpy.
 
@@ -117,10 +117,10 @@ from absl import flags
 import grain
 import numpy as np
 
-from data_prep import common
+from trm_jax import dataset_format
 from trm_jax import sampler as sampler_lib
 
-IGNORE_LABEL = common.IGNORE_LABEL
+IGNORE_LABEL = dataset_format.IGNORE_LABEL
 TRAIN_STATE_FORMAT = "trm_jax.data.train/v1"
 # Length of the (endless) grain source of train batches; grain handles
 # sys.maxsize-long datasets (it is what `repeat()` produces).
@@ -134,7 +134,7 @@ _UNBOUNDED = sys.maxsize
 DatasetDirs = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-def load_dataset_info(dataset_dir: DatasetDirs, split: str = "train") -> common.SplitInfo:
+def load_dataset_info(dataset_dir: DatasetDirs, split: str = "train") -> dataset_format.SplitInfo:
   """Metadata and index arrays of one split (``.metadata`` holds SPEC §7's fields).
 
   ``dataset_dir`` may be a sequence of directories: their splits are merged
@@ -143,14 +143,14 @@ def load_dataset_info(dataset_dir: DatasetDirs, split: str = "train") -> common.
   if not isinstance(dataset_dir, (str, os.PathLike)):
     dirs = [pathlib.Path(d) for d in dataset_dir]
     if not dirs:
-      raise common.DatasetFormatError("no dataset directory given")
+      raise dataset_format.DatasetFormatError("no dataset directory given")
     if len(dirs) > 1:
       return merge_splits([load_dataset_info(d, split) for d in dirs])
     dataset_dir = dirs[0]
   dataset_dir = pathlib.Path(dataset_dir)
   if not dataset_dir.is_dir():
-    raise common.DatasetFormatError(f"dataset directory {dataset_dir} does not exist")
-  info = common.load_split(dataset_dir / split)
+    raise dataset_format.DatasetFormatError(f"dataset directory {dataset_dir} does not exist")
+  info = dataset_format.load_split(dataset_dir / split)
   for s in info.sets.values():
     _check_set_index(info.path, s)
   return info
@@ -160,7 +160,7 @@ _MUST_AGREE = ("seq_len", "vocab_size", "pad_id", "ignore_label_id", "blank_iden
                "num_puzzle_identifiers")
 
 
-def merge_splits(infos: Sequence[common.SplitInfo]) -> common.SplitInfo:
+def merge_splits(infos: Sequence[dataset_format.SplitInfo]) -> dataset_format.SplitInfo:
   """One split of several directories, as the original's ``PuzzleDataset`` merges ``dataset_paths``.
 
   Sets are renamed ``<set><i>`` for the ``i``-th directory (``i > 0``) and
@@ -173,19 +173,22 @@ def merge_splits(infos: Sequence[common.SplitInfo]) -> common.SplitInfo:
     for field in _MUST_AGREE:
       a, b = getattr(first.metadata, field), getattr(other.metadata, field)
       if a != b:
-        raise common.DatasetFormatError(
+        raise dataset_format.DatasetFormatError(
             f"datasets {first.path.parent} and {other.path.parent} cannot train together: {field} is "
             f"{a!r} in the first and {b!r} in the second (data_path lists directories that must agree on "
             f"{', '.join(_MUST_AGREE)})")
+    if other.task != first.task:
+      raise dataset_format.DatasetFormatError(f"datasets {first.path.parent} and {other.path.parent} cannot train "
+                                              f"together: they hold the tasks {first.task!r} and {other.task!r}")
     if other.token_dtype != first.token_dtype:
-      raise common.DatasetFormatError(f"datasets {first.path.parent} and {other.path.parent} store tokens as "
+      raise dataset_format.DatasetFormatError(f"datasets {first.path.parent} and {other.path.parent} store tokens as "
                                       f"{first.token_dtype} and {other.token_dtype}; rebuild one of them")
   names, sets = [], {}
   for set_name in first.metadata.sets:
     for i, info in enumerate(infos):
       name = set_name + (str(i) if i else "")
       if name in sets:
-        raise common.DatasetFormatError(f"dataset {info.path.parent}: merged set name {name!r} is taken twice "
+        raise dataset_format.DatasetFormatError(f"dataset {info.path.parent}: merged set name {name!r} is taken twice "
                                         "(a set named like another set plus a digit)")
       names.append(name)
       sets[name] = dataclasses.replace(info.sets[set_name], name=name)
@@ -195,33 +198,33 @@ def merge_splits(infos: Sequence[common.SplitInfo]) -> common.SplitInfo:
       first.metadata, num_puzzle_identifiers=sum(i.metadata.num_puzzle_identifiers for i in infos),
       total_groups=sum(i.metadata.total_groups for i in infos), mean_puzzle_examples=mean_examples,
       total_puzzles=total_puzzles, sets=names)
-  return common.SplitInfo(first.path, metadata, first.token_dtype, sets)
+  return dataclasses.replace(first, metadata=metadata, sets=sets)
 
 
-def _set_dir(split_dir: pathlib.Path, s: common.SetIndex) -> pathlib.Path:
+def _set_dir(split_dir: pathlib.Path, s: dataset_format.SetIndex) -> pathlib.Path:
   """The directory holding a set's shards (another directory's for a merged set)."""
   return pathlib.Path(s.shard_paths[0]).parent if s.shard_paths else split_dir
 
 
-def _check_set_index(split_dir: pathlib.Path, s: common.SetIndex) -> None:
-  where = f"{split_dir / common.index_name(s.name)}"
+def _check_set_index(split_dir: pathlib.Path, s: dataset_format.SetIndex) -> None:
+  where = f"{split_dir / dataset_format.index_name(s.name)}"
   if s.num_puzzles and np.any(np.diff(s.puzzle_indices) < 1):
-    raise common.DatasetFormatError(f"{where}: puzzle_indices must increase (every puzzle needs an example)")
+    raise dataset_format.DatasetFormatError(f"{where}: puzzle_indices must increase (every puzzle needs an example)")
   if s.num_groups and np.any(np.diff(s.group_indices) < 1):
-    raise common.DatasetFormatError(f"{where}: group_indices must increase (every group needs a puzzle)")
+    raise dataset_format.DatasetFormatError(f"{where}: group_indices must increase (every group needs a puzzle)")
 
 
-def _unreadable(path: str, error: BaseException) -> common.DatasetFormatError:
+def _unreadable(path: str, error: BaseException) -> dataset_format.DatasetFormatError:
   """A shard ArrayRecord cannot read (truncated, garbled): one line naming the file."""
   detail = (str(error).strip().splitlines() or [error.__class__.__name__])[0][:200]
-  return common.DatasetFormatError(f"{path}: cannot read its records, the file is damaged ({detail}); "
-                                   "rebuild the dataset")
+  return dataset_format.DatasetFormatError(f"{path}: cannot read its records, the file is damaged ({detail}); "
+                                           "rebuild the dataset")
 
 
 class _SetReader:
   """Reads rows of one set from its ArrayRecord shards; picklable, opens lazily."""
 
-  def __init__(self, split_dir: pathlib.Path, s: common.SetIndex, seq_len: int, dtype: np.dtype):
+  def __init__(self, split_dir: pathlib.Path, s: dataset_format.SetIndex, seq_len: int, dtype: np.dtype):
     self._split_dir = split_dir
     self._name = s.name
     self._paths = [str(p) for p in s.shard_paths]
@@ -255,7 +258,7 @@ class _SetReader:
           raise _unreadable(p, e) from None
       offsets = np.concatenate([[0], np.cumsum([r.num_records() for r in readers])]).astype(np.int64)
       if offsets[-1] != self._num_examples:
-        raise common.DatasetFormatError(
+        raise dataset_format.DatasetFormatError(
             f"{self._split_dir}: set {self._name!r} has {offsets[-1]} records in its shards, "
             f"dataset.json says {self._num_examples}")
       self._offsets = offsets
@@ -278,14 +281,14 @@ class _SetReader:
         raise _unreadable(self._paths[sh], e) from None
       buf = b"".join(records)
       if len(buf) != where.shape[0] * out.itemsize * self._row_len:
-        raise common.DatasetFormatError(
+        raise dataset_format.DatasetFormatError(
             f"{self._paths[sh]}: records are not {self._row_len} tokens of {self._dtype}")
       out[where] = np.frombuffer(buf, self._dtype).reshape(where.shape[0], self._row_len)
     return out
 
 
 def _make_batch(tokens: np.ndarray, identifiers: np.ndarray, batch_size: int,
-                meta: common.DatasetMetadata) -> dict[str, np.ndarray]:
+                meta: dataset_format.DatasetMetadata) -> dict[str, np.ndarray]:
   """Builds the int32 batch from ``[n, 2S]`` tokens, padding rows ``n..batch_size``."""
   n, seq_len = tokens.shape[0], meta.seq_len
   inputs = np.full((batch_size, seq_len), meta.pad_id, np.int32)
@@ -409,7 +412,7 @@ class _TrainSource:
 class _ReadTrainBatch:
   """grain map: reads and decodes the rows chosen by ``_TrainSource``."""
 
-  def __init__(self, info: common.SplitInfo, local_batch_size: int):
+  def __init__(self, info: dataset_format.SplitInfo, local_batch_size: int):
     self._meta = info.metadata
     self._identifiers = {n: s.puzzle_identifiers for n, s in info.sets.items()}
     self._readers = {n: _SetReader(_set_dir(info.path, s), s, info.metadata.seq_len, info.token_dtype)
@@ -423,7 +426,7 @@ class _ReadTrainBatch:
     return position, batch
 
 
-def _dataset_fingerprint(info: common.SplitInfo) -> str:
+def _dataset_fingerprint(info: dataset_format.SplitInfo) -> str:
   h = hashlib.sha256()
   h.update(json.dumps(info.metadata.to_json_dict(), sort_keys=True).encode())
   h.update(info.token_dtype.str.encode())
@@ -454,7 +457,7 @@ class _ClosingIterator:
 class TrainIterator(_ClosingIterator, Iterator[dict[str, np.ndarray]]):
   """Endless (or ``num_passes``-long) iterator of train batches; see the module docstring."""
 
-  def __init__(self, info: common.SplitInfo, *, global_batch_size: int, seed: int, epochs_per_iter: int,
+  def __init__(self, info: dataset_format.SplitInfo, *, global_batch_size: int, seed: int, epochs_per_iter: int,
                process_index: int = 0, process_count: int = 1, num_passes: int | None = None,
                num_workers: int = 0, prefetch: int = 4, read_threads: int = 2):
     self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
@@ -583,7 +586,7 @@ class EvalBatch(NamedTuple):
 class _ReadTestBatch:
   """grain map: (set, global start, global end) -> EvalBatch for this process."""
 
-  def __init__(self, info: common.SplitInfo, local_batch_size: int, process_index: int):
+  def __init__(self, info: dataset_format.SplitInfo, local_batch_size: int, process_index: int):
     self._meta = info.metadata
     self._index = {n: (s.puzzle_indices, s.puzzle_identifiers) for n, s in info.sets.items()}
     self._readers = {n: _SetReader(_set_dir(info.path, s), s, info.metadata.seq_len, info.token_dtype)
@@ -605,7 +608,7 @@ class _ReadTestBatch:
 class EvalIterator(_ClosingIterator, Iterator[EvalBatch]):
   """One walk over the test examples (SPEC §8); ``len()`` is its number of batches."""
 
-  def __init__(self, info: common.SplitInfo, *, global_batch_size: int, process_index: int = 0,
+  def __init__(self, info: dataset_format.SplitInfo, *, global_batch_size: int, process_index: int = 0,
                process_count: int = 1, num_workers: int = 0, prefetch: int = 4, read_threads: int = 2):
     self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
     _check_grain_options(num_workers, prefetch, read_threads)

@@ -1,39 +1,63 @@
-"""Builds a run's dataset when it is missing (``config.data_build``).
+"""Builds a run's dataset when it is missing (``config.data_build``), and runs the ``data_prep`` builders.
 
 The quickstart config uses this to make a small dataset on first run; every
 other config points at a directory made by ``data_prep`` (see README). Only
 process 0 builds; the others wait for it.
+
+This module is the one place ``trm_jax`` starts ``data_prep``, and it does so
+as a subprocess (``python -m data_prep.<module>``): ``trm_jax`` never imports
+``data_prep`` (``data_prep`` depends on ``trm_jax``, never the reverse), so a
+run needs nothing of the builders but their command lines.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
-from typing import Any
+import subprocess
+import sys
+from typing import Any, Callable, Sequence
 
 import jax
 
 from trm_jax.errors import UserError
 
 BUILDERS = ("sudoku", "maze", "arc")
+# The directory holding the trm_jax package: data_prep is its sibling in a checkout and in an install.
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_builder(module: str, argv: Sequence[str], what: str, *,
+                on_stderr: Callable[[str], None] | None = None) -> None:
+  """Runs ``python -m <module> <argv>``; its stderr goes to ``on_stderr`` (line by line) or ours.
+
+  A failing builder prints ``error: ...`` as its last error line; that line
+  becomes the UserError, prefixed with ``what``.
+  """
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  proc = subprocess.Popen([sys.executable, "-m", module, *argv], env=env, stderr=subprocess.PIPE, text=True)
+  error = None
+  for line in proc.stderr:
+    if line.startswith("error: "):
+      error = line[len("error: "):].strip()
+    elif on_stderr is not None:
+      on_stderr(line)
+    else:
+      sys.stderr.write(line)
+      sys.stderr.flush()
+  code = proc.wait()
+  if code:
+    raise UserError(f"{what}: {error or f'python -m {module} failed (exit status {code}), see above'}")
 
 
 def build(kind: str, output_dir: pathlib.Path, args: dict[str, Any]) -> None:
-  """Builds dataset ``kind`` into ``output_dir`` with the builder's keyword ``args``."""
-  if kind == "sudoku":
-    from data_prep import sudoku  # pylint: disable=g-import-not-at-top
-    sudoku.build_generated(output_dir, **args)
-  elif kind == "maze":
-    from data_prep import maze  # pylint: disable=g-import-not-at-top
-    maze.build_generated(output_dir, **args)
-  elif kind == "arc":
-    from data_prep import arc  # pylint: disable=g-import-not-at-top
-    args = dict(args)
-    prefix = args.pop("input_file_prefix", None) or arc.default_input_prefix()
-    subsets = [arc.SubsetFiles.from_prefix(prefix, name)
-               for name in args.pop("subsets", ("training", "evaluation", "concept"))]
-    arc.build_arc_dataset(subsets, args.pop("test_set_name", "evaluation"), output_dir, **args)
-  else:
+  """Builds dataset ``kind`` into ``output_dir`` with the builder's keyword ``args`` (``data_prep.build``)."""
+  if kind not in BUILDERS:
     raise UserError(f"data_build={kind!r}: expected one of {BUILDERS}")
+  run_builder("data_prep.build", [kind, "--output-dir", str(output_dir), "--args", json.dumps(args)],
+              f"data_build={kind!r} into {output_dir}")
 
 
 def data_dirs(value: str, key: str) -> list[pathlib.Path]:

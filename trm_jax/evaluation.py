@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import data as data_lib
 from trm_jax import monitor as monitor_lib
 from trm_jax import runs
@@ -69,9 +69,8 @@ def run_evaluation(run: runs.Run, eval_fn, params: Any, puzzle_emb: jax.Array, e
     monitor.log_eval(step, results)
     if image_batch is not None and config.num_image_samples > 0:
       n = config.num_image_samples
-      kind = monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size)
       panel = monitor_lib.prediction_panel(image_batch["inputs"][:n], image_batch["preds"][:n],
-                                           image_batch["labels"][:n], kind)
+                                           image_batch["labels"][:n], run.task.draw)
       monitor.log_images(step, "eval/predictions", panel)
   return results
 
@@ -96,4 +95,4 @@ def write_results(directory: pathlib.Path, results: Mapping[str, float]) -> None
   if jax.process_index() != 0:
     return
   directory.mkdir(parents=True, exist_ok=True)
-  data_common.write_json(directory / "results.json", dict(results))
+  dataset_format.write_json(directory / "results.json", dict(results))

@@ -6,6 +6,7 @@ the run directory's checkpoints, on whatever devices this process has.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import sys
@@ -17,11 +18,11 @@ import ml_collections
 import numpy as np
 
 from trm_jax import checkpoint as checkpoint_lib
-from trm_jax import evaluate as evaluate_lib
 from trm_jax import evaluation
 from trm_jax import monitor as monitor_lib
 from trm_jax import runs
 from trm_jax import state as state_lib
+from trm_jax import tasks
 from trm_jax import weights
 from trm_jax.errors import UserError
 
@@ -74,7 +75,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
   layout = runs.make_layout(run)
   params, table, step = restore_for_inference(run, layout, checkpoint)
   try:
-    evaluators = evaluate_lib.make_evaluators(config, run.test_dirs[0], run.test_info)
+    evaluators = tasks.make_evaluators(config.evaluators, run.test_dirs[0], run.test_info)
   except ValueError as e:
     raise UserError(str(e)) from None
   monitor = monitor_lib.Monitor(run.workdir, total_steps=step, enabled=jax.process_index() == 0,
@@ -89,25 +90,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
 
 def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, input_path: str | os.PathLike,
             output_path: str | os.PathLike | None = None, checkpoint: str | int = "latest") -> dict[str, Any]:
-  """ARC: a challenges JSON in, ``submission.json`` out, with test-time training of the puzzles
-  the run never saw (``config.ttt``; see ``trm_jax.predict`` and ``trm_jax.ttt``)."""
-  from trm_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  from trm_jax import ttt  # pylint: disable=g-import-not-at-top
+  """The task's prediction (``Task.predictor``; ARC: a challenges JSON in, ``submission.json`` out,
+  with test-time training of the puzzles the run never saw: ``trm_jax.predict``, ``trm_jax.ttt``)."""
   started = time.monotonic()
   run = runs.setup(config, workdir, need_train=False)
-  if monitor_lib.grid_kind(run.model.seq_len, run.model.vocab_size) != "arc":
-    raise UserError(f"--mode=predict needs an ARC dataset (seq_len 900, vocab 12); {run.data_path} has "
-                    f"seq_len {run.model.seq_len}, vocab {run.model.vocab_size}")
+  if run.task.predictor is None:
+    able = tuple(t.name for t in tasks.TASKS.values() if t.predictor)
+    raise UserError(f"--mode=predict: {run.data_path} holds the {run.task.name!r} task, which has no prediction "
+                    f"mode (tasks with one: {able})")
   if len(run.train_dirs) > 1:
     raise UserError(f"--mode=predict maps puzzles through one dataset's identifiers.json, but data_path lists "
                     f"{len(run.train_dirs)} directories")
-  ttt.settings(config)  # a wrong config.ttt key fails before anything is loaded
-  puzzles = predict_lib.load_challenges(pathlib.Path(input_path))
+  predictor = importlib.import_module(run.task.predictor)
+  prepared = predictor.prepare(config, pathlib.Path(input_path))  # config and input errors before any loading
   layout = runs.make_layout(run)
   params, table, step = restore_for_inference(run, layout, checkpoint)
   output_path = pathlib.Path(output_path) if output_path else run.workdir / "predict" / "submission.json"
-  return predict_lib.predict_arc(run, evaluation.make_eval_fn(run, layout), params, table, puzzles, output_path,
-                                 step=step, started=started)
+  return predictor.predict(run, evaluation.make_eval_fn(run, layout), params, table, prepared, output_path,
+                           step=step, started=started)
 
 
 def export_weights(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

@@ -7,104 +7,24 @@ a live run: ``tensorboard --logdir <workdir>/tensorboard``.
 
 from __future__ import annotations
 
-import math
 import pathlib
 import sys
 import time
-from typing import Mapping, TextIO
+from typing import Callable, Mapping, TextIO
 
 import numpy as np
 
-# The ARC palette (colours 0..9), as the ARC web viewer draws them.
-ARC_COLOURS = np.array([
-    [0, 0, 0], [0, 116, 217], [255, 65, 54], [46, 204, 64], [255, 220, 0],
-    [170, 170, 170], [240, 18, 190], [255, 133, 27], [127, 219, 255], [135, 12, 37]], np.uint8)
-PAD_COLOUR = np.array([40, 40, 40], np.uint8)
-EOS_COLOUR = np.array([255, 255, 255], np.uint8)
-# Maze tokens 1..5: wall, open, start, goal, path.
-MAZE_COLOURS = np.array([[40, 40, 40], [30, 30, 30], [245, 245, 245], [46, 204, 64], [255, 65, 54],
-                         [0, 116, 217]], np.uint8)
 
+def prediction_panel(inputs: np.ndarray, preds: np.ndarray, labels: np.ndarray,
+                     draw: Callable[..., np.ndarray]) -> np.ndarray:
+  """Rows of ``input | prediction | target`` for a few samples, one RGB image.
 
-def grid_kind(seq_len: int, vocab_size: int) -> str:
-  """How to draw a task's sequences: "arc", "sudoku", "maze" or a generic "grid"."""
-  side = math.isqrt(seq_len)
-  if seq_len == 900 and vocab_size == 12:
-    return "arc"
-  if seq_len == 81 and vocab_size == 11:
-    return "sudoku"
-  if vocab_size == 6 and side * side == seq_len:
-    return "maze"
-  return "grid"
-
-
-def _cells_to_image(rgb_HxWx3: np.ndarray, cell: int) -> np.ndarray:
-  """Each cell a ``cell``-pixel square with a 1-pixel dark border."""
-  img = np.repeat(np.repeat(rgb_HxWx3, cell, axis=0), cell, axis=1)
-  img[::cell, :] = img[::cell, :] // 2
-  img[:, ::cell] = img[:, ::cell] // 2
-  return img
-
-
-def draw_tokens(tokens: np.ndarray, kind: str, reference: np.ndarray | None = None) -> np.ndarray:
-  """One sequence of tokens as an RGB image (uint8 HxWx3).
-
-  With ``reference`` (the target), wrong cells of a prediction are marked.
+  ``draw(tokens, reference=None)``: the task's drawing (``trm_jax.tasks``).
   """
-  tokens = np.asarray(tokens).astype(np.int64)
-  side = math.isqrt(tokens.size)
-  if side * side != tokens.size:
-    side_h, side_w = 1, tokens.size
-  else:
-    side_h = side_w = side
-  grid = tokens.reshape(side_h, side_w)
-  if kind == "arc":
-    rgb = np.where((grid >= 2)[..., None], ARC_COLOURS[np.clip(grid - 2, 0, 9)],
-                   np.where((grid == 1)[..., None], EOS_COLOUR, PAD_COLOUR))
-    img = _cells_to_image(rgb.astype(np.uint8), 6)
-  elif kind == "maze":
-    img = _cells_to_image(MAZE_COLOURS[np.clip(grid, 0, 5)], 6)
-  elif kind == "sudoku":
-    return _draw_sudoku(grid, None if reference is None else np.asarray(reference).reshape(9, 9))
-  else:
-    palette = np.concatenate([ARC_COLOURS, ARC_COLOURS // 2, ARC_COLOURS // 3])
-    img = _cells_to_image(palette[np.clip(grid, 0, len(palette) - 1)], 6)
-  if reference is not None:
-    wrong = np.asarray(reference).reshape(side_h, side_w) != grid
-    wrong &= np.asarray(reference).reshape(side_h, side_w) >= 0
-    cell = img.shape[0] // side_h
-    for r, c in zip(*np.nonzero(wrong)):  # a red corner on every wrong cell
-      img[r * cell:r * cell + 2, c * cell:c * cell + 2] = [255, 0, 0]
-  return img
-
-
-def _draw_sudoku(grid: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  cell = 14
-  image = Image.new("RGB", (9 * cell + 1, 9 * cell + 1), (255, 255, 255))
-  draw = ImageDraw.Draw(image)
-  for i in range(10):
-    width = 2 if i % 3 == 0 else 1
-    draw.line([(0, i * cell), (9 * cell, i * cell)], fill=(0, 0, 0), width=width)
-    draw.line([(i * cell, 0), (i * cell, 9 * cell)], fill=(0, 0, 0), width=width)
-  for r in range(9):
-    for c in range(9):
-      token = int(grid[r, c])
-      if token >= 2:  # tokens 2..10 are digits 1..9; 1 is a blank
-        colour = (0, 0, 0)
-        if reference is not None:
-          colour = (0, 130, 0) if int(reference[r, c]) == token else (220, 0, 0)
-        draw.text((c * cell + 4, r * cell + 1), str(token - 1), fill=colour)
-  return np.asarray(image, np.uint8)
-
-
-def prediction_panel(inputs: np.ndarray, preds: np.ndarray, labels: np.ndarray, kind: str) -> np.ndarray:
-  """Rows of ``input | prediction | target`` for a few samples, one RGB image."""
   rows = []
   for x, p, y in zip(inputs, preds, labels):
     target = np.where(y < 0, 0, y)  # -100 (no label) drawn as padding
-    tiles = [draw_tokens(x, kind), draw_tokens(p, kind, reference=np.where(y < 0, p, y)),
-             draw_tokens(target, kind)]
+    tiles = [draw(x), draw(p, reference=np.where(y < 0, p, y)), draw(target)]
     height = max(t.shape[0] for t in tiles)
     gap = np.full((height, 4, 3), 255, np.uint8)
     padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]

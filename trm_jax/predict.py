@@ -1,4 +1,4 @@
-"""ARC prediction: a challenges JSON in, ``submission.json`` out (SPEC §9).
+"""ARC prediction, the ARC task's ``--mode=predict``: a challenges JSON in, ``submission.json`` out (SPEC §9).
 
 TRM learns one puzzle embedding per puzzle version (the original and its
 dihedral x colour augmentations), so a puzzle can be predicted well only if
@@ -31,12 +31,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from data_prep import arc as arc_data
-from data_prep import augment
-from data_prep import common as data_common
-from trm_jax import arc_eval
+from trm_jax import dataset_format
 from trm_jax import errors
+from trm_jax import tasks
 from trm_jax import ttt
+from trm_jax.tasks import arc as arc_data
+from trm_jax.tasks import arc_eval
+from trm_jax.tasks import dihedral
 
 
 def _solutions_beside(challenges: pathlib.Path) -> pathlib.Path | None:
@@ -44,8 +45,8 @@ def _solutions_beside(challenges: pathlib.Path) -> pathlib.Path | None:
   name = challenges.name.removesuffix(".xz")
   if name.endswith("_challenges.json"):
     sibling = challenges.with_name(name[:-len("_challenges.json")] + "_solutions.json")
-    if data_common.input_exists(sibling):
-      return data_common.input_path(sibling)
+    if dataset_format.input_exists(sibling):
+      return dataset_format.input_path(sibling)
   return None
 
 
@@ -62,7 +63,7 @@ def versions_by_puzzle(identifiers: list[str]) -> dict[str, list[tuple[int, int,
 
 def load_challenges(input_path: pathlib.Path) -> list[arc_data.Puzzle]:
   """The puzzles of a challenges file (with the solutions beside it, when there are); UserError if bad."""
-  if not data_common.input_exists(input_path):
+  if not dataset_format.input_exists(input_path):
     raise errors.UserError(f"{input_path}: challenges file not found (--input)")
   files = arc_data.SubsetFiles("challenges", input_path, _solutions_beside(input_path))
   try:
@@ -70,6 +71,21 @@ def load_challenges(input_path: pathlib.Path) -> list[arc_data.Puzzle]:
                                 limit_puzzles=None, warnings=arc_data.WarningCounter())
   except arc_data.ArcDataError as e:
     raise errors.UserError(str(e)) from None
+
+
+def arc_settings(config: Any) -> dict[str, Any]:
+  """The voting settings: the first ``arc`` entry of ``config.evaluators``, else the ``arc`` defaults."""
+  for _, kind, settings in tasks.evaluator_settings(config.evaluators):
+    if kind is arc_eval.EVALUATOR:
+      return settings
+  return dict(arc_eval.DEFAULTS)
+
+
+def prepare(config: Any, input_path: pathlib.Path) -> list[arc_data.Puzzle]:
+  """Checks ``config.ttt`` and the evaluators' settings, then reads the challenges (UserError if bad)."""
+  ttt.settings(config)
+  arc_settings(config)
+  return load_challenges(input_path)
 
 
 def _rows(puzzles: list[arc_data.Puzzle], versions: dict[str, list[tuple[int, int, np.ndarray | None]]]
@@ -81,17 +97,17 @@ def _rows(puzzles: list[arc_data.Puzzle], versions: dict[str, list[tuple[int, in
     for identifier, tid, mapping in versions[puzzle.id]:
       for grid in test_inputs:
         mapped = grid if mapping is None else mapping[grid]
-        canvases.append(arc_data.grid_canvas(augment.dihedral_transform(mapped, tid)).reshape(-1))
+        canvases.append(arc_data.grid_canvas(dihedral.dihedral_transform(mapped, tid)).reshape(-1))
         ids.append(identifier)
   return ids, canvases
 
 
-def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[arc_data.Puzzle],
+def predict(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[arc_data.Puzzle],
                 output_path: pathlib.Path, *, step: int, started: float) -> dict[str, Any]:
   """Trains the new puzzles (``config.ttt``), runs the model on every version of every test
   input and writes the voted submission. ``started``: ``time.monotonic()`` at the start."""
   settings = ttt.settings(run.config)
-  with open(run.data_path / data_common.IDENTIFIERS_FILE) as f:
+  with open(run.data_path / dataset_format.IDENTIFIERS_FILE) as f:
     identifiers = json.load(f)
   versions = versions_by_puzzle(identifiers)
   known = [p for p in puzzles if versions.get(p.id)]
@@ -140,10 +156,11 @@ def predict_arc(run: Any, eval_fn, params: Any, table: jax.Array, puzzles: list[
 
   meta_dir = pathlib.Path(tempfile.mkdtemp(prefix="trm-predict-"))
   try:
-    data_common.write_json(meta_dir / data_common.IDENTIFIERS_FILE, eval_identifiers)
-    data_common.write_json(meta_dir / data_common.TEST_PUZZLES_FILE, {p.id: p.raw for p in puzzles})
-    evaluator = arc_eval.ARCEvaluator(meta_dir, pass_ks=tuple(run.config.arc_pass_ks),
-                                      submission_k=run.config.arc_submission_k, blank_identifier_id=0)
+    dataset_format.write_json(meta_dir / dataset_format.IDENTIFIERS_FILE, eval_identifiers)
+    dataset_format.write_json(meta_dir / dataset_format.TEST_PUZZLES_FILE, {p.id: p.raw for p in puzzles})
+    voting = arc_settings(run.config)
+    evaluator = arc_eval.ARCEvaluator(meta_dir, pass_ks=tuple(voting["pass_ks"]),
+                                      submission_k=voting["submission_k"], blank_identifier_id=0)
     num_predictions = 0
     for pass_params, pass_table, pass_eval_fn, ids, canvases in passes:
       if not canvases:

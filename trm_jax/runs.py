@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import act
 from trm_jax import data as data_lib
 from trm_jax import datasets
@@ -29,6 +29,7 @@ from trm_jax import models
 from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
+from trm_jax import tasks
 from trm_jax import workdir as workdir_lib
 from trm_jax.errors import UserError
 
@@ -81,8 +82,9 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   data_path: pathlib.Path  # the first of train_dirs (ARC evaluation and predict read its identifiers)
-  train_info: data_common.SplitInfo | None
-  test_info: data_common.SplitInfo | None
+  train_info: dataset_format.SplitInfo | None
+  test_info: dataset_format.SplitInfo | None
+  task: tasks.Task  # what dataset.json records (trm_jax.tasks)
   model: models.ModelConfig
   mesh: jax.sharding.Mesh
   optimizers: optim.Optimizers
@@ -93,7 +95,7 @@ class Run:
   test_dirs: tuple[pathlib.Path, ...] = ()  # config.test_data_path, else train_dirs
 
 
-def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
+def model_config(config: ml_collections.ConfigDict, metadata: dataset_format.DatasetMetadata) -> models.ModelConfig:
   """The model config: ``config.model`` plus the dataset's sizes."""
   fields = dict(config.model.to_dict())
   fields.update(seq_len=metadata.seq_len, vocab_size=metadata.vocab_size,
@@ -117,10 +119,10 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"log_every_steps={config.log_every_steps} must be >= 1")
 
 
-def _load_split(paths: list[pathlib.Path], split: str) -> data_common.SplitInfo:
+def _load_split(paths: list[pathlib.Path], split: str) -> dataset_format.SplitInfo:
   try:
     return data_lib.load_dataset_info(paths, split)
-  except data_common.DatasetFormatError as e:
+  except dataset_format.DatasetFormatError as e:
     where = f"dataset {paths[0]}: " if len(paths) == 1 else ""
     raise UserError(f"{where}{e}") from None
 
@@ -150,6 +152,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
   train_info = _load_split(train_dirs, "train") if need_train or separate_test else None
   test_info = _load_split(test_dirs, "test") if need_test else None
   metadata = (train_info or test_info).metadata
+  try:
+    task = tasks.of_dataset(train_info or test_info)
+  except dataset_format.DatasetFormatError as e:
+    raise UserError(f"dataset {data_path}: {e}") from None
   if train_info is not None and test_info is not None:
     a, b = train_info.metadata, test_info.metadata
     where = ", ".join(map(str, train_dirs)) + ("" if not separate_test else " and " + ", ".join(map(str, test_dirs)))
@@ -159,8 +165,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
         not separate_test and a.num_puzzle_identifiers != b.num_puzzle_identifiers):
       raise UserError(f"dataset {where}: the test split has {b.num_puzzle_identifiers} puzzle identifiers, "
                       f"the train split {a.num_puzzle_identifiers}")
-  if len(test_dirs) > 1 and config.evaluators:
-    raise UserError(f"evaluators={config.evaluators!r} read one test dataset's files, but the test data has "
+  if len(test_dirs) > 1 and list(config.evaluators.keys()):
+    raise UserError(f"evaluators {sorted(config.evaluators.keys())} read one test dataset's files, but the test data has "
                     f"{len(test_dirs)} directories: evaluate each with --mode=eval and its own "
                     "--config.test_data_path")
   model = model_config(config, metadata)
@@ -189,7 +195,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
       grad_clip_norm=config.grad_clip_norm or None, freeze_weights=config.freeze_weights,
       trainable_mask=state_lib.trainable_mask)
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
-             test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
+             test_info=test_info, task=task, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
              total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size,
              train_dirs=tuple(train_dirs), test_dirs=tuple(test_dirs))
 

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from data_prep import common
+from trm_jax import dataset_format
 
 # Tag mixed into the seed of the within-puzzle example choice, so that it is not
 # the same stream as anything else seeded with (seed, counter, batch).
@@ -174,7 +174,7 @@ class SegmentPlan:
 _PLAN_CHUNK = 1 << 20  # Group positions per vectorised chunk (bounds temporary memory).
 
 
-def plan_segment(s: common.SetIndex, set_name: str, counter: int, seed: int, epochs_per_iter: int,
+def plan_segment(s: dataset_format.SetIndex, set_name: str, counter: int, seed: int, epochs_per_iter: int,
                   global_batch_size: int) -> SegmentPlan:
   """The original's group order, puzzle picks and batch packing for one set and pass."""
   num_groups = s.num_groups
@@ -204,7 +204,7 @@ class TrainSampler:
 
   _MAX_CACHED_PLANS = 3
 
-  def __init__(self, info: common.SplitInfo, seed: int, epochs_per_iter: int, global_batch_size: int):
+  def __init__(self, info: dataset_format.SplitInfo, seed: int, epochs_per_iter: int, global_batch_size: int):
     self.info = info
     self.seed = seed
     self.epochs_per_iter = epochs_per_iter

@@ -30,16 +30,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_prep import common as data_common
+from trm_jax import dataset_format
 from trm_jax import checkpoint as checkpoint_lib
 from trm_jax import data as data_lib
-from trm_jax import evaluate as evaluate_lib
 from trm_jax import evaluation
 from trm_jax import monitor as monitor_lib
 from trm_jax import runs
 from trm_jax import sharding
 from trm_jax import state as state_lib
 from trm_jax import steps
+from trm_jax import tasks
 from trm_jax import workdir as workdir_lib
 from trm_jax.errors import NonFiniteLossError
 from trm_jax.errors import UserError
@@ -116,7 +116,7 @@ def _train(run: runs.Run) -> dict[str, Any]:
 
   meta = {"iteration": 0, "best_metric": None, "best_step": None, "evaluated_step": None, "eval_pending": None}
   try:
-    evaluators = evaluate_lib.make_evaluators(config, run.test_dirs[0], run.test_info)
+    evaluators = tasks.make_evaluators(config.evaluators, run.test_dirs[0], run.test_info)
   except ValueError as e:
     raise UserError(str(e)) from None
   latest = checkpointer.latest_step()
@@ -238,7 +238,7 @@ def _train(run: runs.Run) -> dict[str, Any]:
       while step < stop_at and meta["iteration"] < run.total_iters:
         try:
           local = next(train_iter)
-        except data_common.DatasetFormatError:
+        except dataset_format.DatasetFormatError:
           save_before_raising()
           raise
         pass_done = train_iter.batch_index == 0

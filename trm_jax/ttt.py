@@ -6,8 +6,8 @@ blank one, which is close to useless. ``run_ttt`` gives the new puzzles of a
 challenges file rows of their own and trains them on their demonstration
 pairs, as every ARC Prize entry built on TRM does (arXiv 2511.02886):
 
-1. ``data_prep.arc`` builds the new puzzles' augmented versions into a
-   temporary directory (removed afterwards): the train split holds the
+1. ``data_prep.arc`` (run as a subprocess, ``trm_jax.datasets``) builds the
+   new puzzles' augmented versions into a temporary directory (removed afterwards): the train split holds the
    demonstration pairs of every version (translated, as in training);
 2. the table gets one row per new identifier, initialised to the mean of the
    trained rows (``state.extend_puzzle_table``); the new dataset's identifier
@@ -29,9 +29,7 @@ evaluation batch. ``trm_jax.predict`` then votes over every version.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import pathlib
@@ -45,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_prep import arc as arc_data
-from data_prep import common as data_common
 from trm_jax import data as data_lib
+from trm_jax import dataset_format
+from trm_jax import datasets
 from trm_jax import errors
 from trm_jax import monitor as monitor_lib
 from trm_jax import optim
@@ -56,6 +54,7 @@ from trm_jax import state as state_lib
 from trm_jax import steps
 from trm_jax import evaluation
 from trm_jax import runs
+from trm_jax.tasks import arc as arc_data
 
 MODES = ("embeddings", "all", "embeddings_then_all")
 # Seconds kept free beyond the estimated voting time when a time budget is set.
@@ -135,7 +134,7 @@ def eval_rows(run: runs.Run, eval_fn, params: Any, table: jax.Array, inputs_NxS:
     end = min(start + bs, inputs_NxS.shape[0])
     pad = bs - (end - start)
     batch = {"inputs": np.pad(inputs_NxS[start:end], ((0, pad), (0, 0))),
-             "labels": np.pad(labels_NxS[start:end], ((0, pad), (0, 0)), constant_values=data_common.IGNORE_LABEL),
+             "labels": np.pad(labels_NxS[start:end], ((0, pad), (0, 0)), constant_values=dataset_format.IGNORE_LABEL),
              "puzzle_identifiers": np.pad(ids_N[start:end], (0, pad))}
     batch = sharding.global_batch({k: v[lo:lo + local] for k, v in batch.items()}, run.mesh, bs)
     metrics, outputs = eval_fn(params, table, batch)
@@ -153,7 +152,7 @@ def demonstration_rows(puzzles: Sequence[arc_data.Puzzle], row_of: dict[str, int
     for inp, out in puzzle.split_pairs(False):
       inputs.append(arc_data.grid_canvas(inp).reshape(-1))
       label = arc_data.grid_canvas(out).reshape(-1).astype(np.int32)
-      labels.append(np.where(label == arc_data.PAD_ID, data_common.IGNORE_LABEL, label))
+      labels.append(np.where(label == arc_data.PAD_ID, dataset_format.IGNORE_LABEL, label))
       ids.append(row_of[puzzle.id])
   return (np.stack(inputs).astype(np.int32), np.stack(labels).astype(np.int32), np.asarray(ids, np.int32))
 
@@ -186,16 +185,16 @@ def _build_dataset(puzzles: Sequence[arc_data.Puzzle], directory: pathlib.Path, 
       ex.pop("output", None)  # never trained on, whatever the challenges file holds
     challenges[p.id] = raw
   path = directory / "challenges.json"
-  data_common.write_json(path, challenges)
-  captured = io.StringIO()
-  with contextlib.redirect_stderr(captured):
-    arc_data.build_arc_dataset([arc_data.SubsetFiles(arc_data.PREDICT_SUBSET_NAME, path, None)],
-                               arc_data.PREDICT_SUBSET_NAME, directory / "data", num_aug=num_aug,
-                               allow_missing_test_solutions=True, verbose=False)
-  for line in captured.getvalue().splitlines():  # the missing solutions are expected here
+  dataset_format.write_json(path, challenges)
+
+  def show(line: str) -> None:  # the missing solutions are expected here
     if "no solutions file" not in line and not line.startswith("warning: 1 warning(s)"):
-      print(line, file=sys.stderr)
-  with open(directory / "data" / data_common.IDENTIFIERS_FILE) as f:
+      print(line, end="", file=sys.stderr)
+
+  datasets.run_builder("data_prep.arc", ["--challenges-file", str(path), "--output-dir", str(directory / "data"),
+                                         "--num-aug", str(num_aug), "--quiet"],
+                       "test-time training: building the new puzzles' versions", on_stderr=show)
+  with open(directory / "data" / dataset_format.IDENTIFIERS_FILE) as f:
     return json.load(f)
 
 

@@ -1,4 +1,4 @@
-"""ARC evaluation (SPEC §9): crop, undo augmentations, vote, pass@K, submission.json.
+"""The ``arc`` evaluator (SPEC §9): crop, undo augmentations, vote, pass@K, submission.json.
 
 numpy only (no jax), so it runs on any host. Usage::
 
@@ -36,12 +36,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data_prep import arc as arc_data
-from data_prep import augment
+from trm_jax.tasks import arc
+from trm_jax.tasks import base
+from trm_jax.tasks import dihedral
 
-GRID_SIZE = arc_data.GRID_SIZE
-_FIRST_COLOUR = arc_data.COLOUR_OFFSET
-_LAST_COLOUR = arc_data.COLOUR_OFFSET + arc_data.NUM_COLOURS - 1
+GRID_SIZE = arc.GRID_SIZE
+_FIRST_COLOUR = arc.COLOUR_OFFSET
+_LAST_COLOUR = arc.COLOUR_OFFSET + arc.NUM_COLOURS - 1
+# The keys of an ``arc`` entry of ``config.evaluators`` and their defaults (the original's).
+DEFAULTS = {"pass_ks": (1, 2, 5, 10, 100, 1000), "submission_k": 2, "aggregated_voting": True}
 
 
 def crop_sizes(canvases_BxS: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,13 +78,13 @@ def inverse_aug(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
 
   The inverse applies the inverse dihedral transform, then the inverse colour map.
   """
-  orig, tid, mapping = arc_data.parse_aug_name(name)
+  orig, tid, mapping = arc.parse_aug_name(name)
   if mapping is None:
     return orig, lambda grid: grid
   inverse_colours = np.argsort(mapping).astype(np.uint8)
 
   def undo(grid: np.ndarray) -> np.ndarray:
-    return inverse_colours[augment.inverse_dihedral_transform(grid, tid)]
+    return inverse_colours[dihedral.inverse_dihedral_transform(grid, tid)]
 
   return orig, undo
 
@@ -252,3 +255,49 @@ def _read_json(path: pathlib.Path, kind: type) -> Any:
   if not isinstance(obj, kind):
     raise ValueError(f"{path}: expected a JSON {'list' if kind is list else 'object'}")
   return obj
+
+
+# ---------------------------------------------------------------------------
+# The evaluator of a run (``config.evaluators.<name>.type = "arc"``).
+
+
+class RunEvaluator:
+  """``ARCEvaluator`` as a run's evaluator (``trm_jax.tasks.base.Evaluator``).
+
+  With ``aggregated_voting`` (the original's default) the votes of every
+  evaluation of the run are pooled: later evaluations also count the
+  predictions of earlier ones. The pool is saved in checkpoints.
+  """
+
+  def __init__(self, data_path: pathlib.Path, pass_ks, submission_k: int, aggregated_voting: bool = True):
+    self._ev = ARCEvaluator(data_path, pass_ks=tuple(pass_ks), submission_k=submission_k,
+                            aggregated_voting=aggregated_voting)
+
+  def begin_eval(self) -> None:
+    self._ev.begin_eval()
+
+  def update(self, set_name: str, batch: Mapping[str, np.ndarray]) -> None:
+    del set_name
+    self._ev.update(batch["puzzle_identifiers"], batch["inputs"], batch["preds"], batch["q_halt_logits"])
+
+  def result(self, output_dir: pathlib.Path | None) -> dict[str, float]:
+    import jax  # pylint: disable=g-import-not-at-top
+    write = output_dir if jax.process_index() == 0 else None
+    return dict(self._ev.result(write))
+
+  def state(self) -> Any:
+    return self._ev.state() if self._ev.aggregated_voting else None
+
+  def load_state(self, state: Any) -> None:
+    self._ev.reset()
+    if state:
+      self._ev.merge([state])
+
+
+def make_evaluator(settings: Mapping[str, Any], data_path: pathlib.Path, test_info: Any) -> RunEvaluator:
+  del test_info
+  return RunEvaluator(data_path, settings["pass_ks"], settings["submission_k"], settings["aggregated_voting"])
+
+
+EVALUATOR = base.EvaluatorType(name="arc", make=make_evaluator, defaults=DEFAULTS)
+
