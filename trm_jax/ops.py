@@ -40,7 +40,9 @@ def residual_rms_norm(x: jax.Array, residual: jax.Array, *, eps: float, impl: st
 def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, impl: str = "xla") -> jax.Array:
   if check_impl(impl) == "pallas":
     return swiglu_lib.swiglu(x, w_gate_up, w_down)
-  return swiglu_lib.swiglu_reference(x, w_gate_up, w_down)
+  # As one [N, D] matrix: a contraction over a single row axis in the backward
+  # (the weight gradients), which XLA:CPU does without transposing the activations.
+  return swiglu_lib.swiglu_reference(x.reshape(-1, x.shape[-1]), w_gate_up, w_down).reshape(x.shape[:-1] + (-1,))
 
 
 def residual_rms_norm_axis0(x: jax.Array, residual: jax.Array, *, eps: float, impl: str = "xla") -> jax.Array:

@@ -105,7 +105,8 @@ class Attention(nn.Module):
     dtype = h_BxSxD.dtype
     w_qkv_Dx3I = self.param("qkv_proj", lecun_trunc_normal(dim), (dim, 3 * inner))
     w_o_IxD = self.param("o_proj", lecun_trunc_normal(inner), (inner, dim))
-    qkv = jnp.dot(h_BxSxD, w_qkv_Dx3I.astype(dtype)).reshape(batch, seq, 3 * self.num_heads, head_dim)
+    qkv = jnp.dot(h_BxSxD.reshape(batch * seq, dim), w_qkv_Dx3I.astype(dtype)).reshape(
+        batch, seq, 3 * self.num_heads, head_dim)
     q, k, v = jnp.split(qkv, 3, axis=2)  # each [B, S, H, K], in the original's order
     attention = functools.partial(ops.attention, impl=self.kernels)
     if self.remat:
@@ -113,7 +114,7 @@ class Attention(nn.Module):
       # the backward pass would keep; recomputing it keeps only q, k and v.
       attention = jax.checkpoint(attention)
     out_BxSxHxK = attention(q, k, v, cos_SxK, sin_SxK)
-    return jnp.dot(out_BxSxHxK.reshape(batch, seq, inner), w_o_IxD.astype(dtype))
+    return jnp.dot(out_BxSxHxK.reshape(batch * seq, inner), w_o_IxD.astype(dtype)).reshape(batch, seq, dim)
 
 
 class Block(nn.Module):
