@@ -16,7 +16,6 @@ through.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -176,14 +175,6 @@ class ModelConfig:
     if missing:
       raise ValueError(f"{source}: missing model field(s) {missing}")
     return cls(**kwargs)
-
-  @classmethod
-  def from_json(cls, text: str, *, source: str = "config_json") -> "ModelConfig":
-    try:
-      d = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{source}: invalid JSON ({e})") from None
-    return cls.from_dict(d, source=source)
 
   def to_dict(self) -> dict[str, Any]:
     """Every field plus ``arch``: what ``config_from_dict`` takes back."""
