@@ -102,6 +102,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.loss_type = "stablemax_cross_entropy"  # or "softmax_cross_entropy"
   m.kernels = "xla"  # hot-path ops: "xla" or "pallas" (kernels/)
   m.remat = "none"  # recompute in the backward pass to save memory: "none", "attention" or "network"
+  # Launch parameters of the Pallas kernels (trm_jax.ops; unused with kernels="xla"): tiles are powers
+  # of two (>= 16 where a matmul uses them), num_warps a power of two, num_stages >= 1. They change how
+  # an op runs, not what it computes (a resume may change them). `python -m trm_jax.bench_kernels
+  # --sweep=small` prints the best ones for a config's shapes as overrides of these keys.
+  kp = m.kernel_params = ml_collections.ConfigDict()
+  a = kp.attention = ml_collections.ConfigDict()
+  a.block_q = 64  # forward: query rows per program (the sequence is zero-padded to a multiple)
+  a.block_k = 64  # forward: keys per step of the online softmax
+  a.block_q_bwd = 64  # backward: query rows per step (dk/dv kernel) or per program (dq kernel)
+  a.block_k_bwd = 64  # backward: keys per program (dk/dv kernel) or per step (dq kernel)
+  a.num_warps = 4  # forward kernel
+  a.num_stages = 3  # forward kernel
+  a.num_warps_bwd = 8  # both backward kernels
+  a.num_stages_bwd = 2  # both backward kernels
+  r = kp.rms_norm = ml_collections.ConfigDict()  # residual + RMSNorm over channels (width D)
+  r.block_rows = 0  # rows per program, a power of two (0: about 4096 elements per tile)
+  r.num_warps = 4  # the forward and the backward kernel
+  r.num_stages = 1  # the forward and the backward kernel
+  kp.rms_norm_mlp_t = r.copy_and_resolve_references()  # the same keys, for mlp_t's norm over positions (S+P)
+  g = kp.swiglu = ml_collections.ConfigDict()  # the channel SwiGLU (width D)
+  g.block_rows = 64  # fused gate/up kernels: rows per program
+  g.block_inter = 64  # fused gate/up kernels: intermediate columns per program
+  g.block_width = 64  # fused gate/up kernels: step along D (the contraction)
+  g.matmul_impl = "xla"  # the four plain matmuls: "xla" dots or "pallas" (the tiled kernel below)
+  g.matmul_block_m = 128  # Pallas matmul tile: output rows
+  g.matmul_block_n = 128  # Pallas matmul tile: output columns
+  g.matmul_block_k = 32  # Pallas matmul tile: step along the contraction
+  g.num_warps = 4  # forward gate/up kernel
+  g.num_stages = 3  # forward gate/up kernel
+  g.num_warps_bwd = 4  # backward gate/up kernel
+  g.num_stages_bwd = 2  # backward gate/up kernel
+  g.matmul_num_warps = 8  # Pallas matmul kernel
+  g.matmul_num_stages = 3  # Pallas matmul kernel
+  kp.swiglu_mlp_t = g.copy_and_resolve_references()  # the same keys, for mlp_t's SwiGLU over positions (S+P)
 
   # --- Evaluation (SPEC §9).
   # Extra evaluators (exact accuracy is always reported), one entry each: name -> {type, that type's keys}

@@ -88,6 +88,23 @@ _AT_B = ((0,), (0,))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionBlockSizes(kernels_lib.BlockSizes):
+  """Launch parameters of ``attention`` (``config.model.kernel_params.attention``).
+
+  Tiles are shrunk for short sequences; the sequence is zero-padded to a
+  multiple of each.
+  """
+  block_q: int = kernels_lib.tile(64)  # forward: query rows per program
+  block_k: int = kernels_lib.tile(64)  # forward: keys per step of the online softmax
+  block_q_bwd: int = kernels_lib.tile(64)  # backward: query rows per step (dk/dv) or program (dq)
+  block_k_bwd: int = kernels_lib.tile(64)  # backward: keys per program (dk/dv) or step (dq)
+  num_warps: int = kernels_lib.warps(4)  # forward kernel
+  num_stages: int = kernels_lib.stages(3)
+  num_warps_bwd: int = kernels_lib.warps(8)  # both backward kernels
+  num_stages_bwd: int = kernels_lib.stages(2)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Config:
   """Static settings of one call (hashable: it is a custom_vjp nondiff arg)."""
   sm_scale: float
@@ -427,10 +444,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
               cos_SxK: jax.Array | None = None, sin_SxK: jax.Array | None = None,
               *, sm_scale: float | None = None,
-              block_q: int = 64, block_k: int = 64,
-              block_q_bwd: int = 64, block_k_bwd: int = 64,
-              num_warps: int = 4, num_stages: int = 3,
-              num_warps_bwd: int = 8, num_stages_bwd: int = 2,
+              block_sizes: AttentionBlockSizes | None = None,
               precision: lax.Precision | None = None,
               interpret: bool | None = None) -> jax.Array:
   """Fused attention; same math, dtypes and layout as ``attention_reference``.
@@ -441,12 +455,8 @@ def attention(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
       math, like ``apply_rope``). The forward kernel rotates q itself; k is
       rotated once by XLA beforehand (each k block is read by every q block).
     sm_scale: softmax scale; default ``K ** -0.5``.
-    block_q, block_k: forward tile sizes along the query / key sequence
-      (powers of two >= 16; shrunk for short sequences). The sequence is
-      zero-padded to a multiple of each.
-    block_q_bwd, block_k_bwd: the same for the two backward kernels.
-    num_warps, num_stages, num_warps_bwd, num_stages_bwd: Triton launch
-      parameters of the forward / backward kernels.
+    block_sizes: tile sizes and Triton launch parameters (``None``: the
+      defaults of ``AttentionBlockSizes``).
     precision: precision of the in-kernel dots (``None``: Triton's default, TF32
       for float32 inputs on GPU; ``lax.Precision.HIGHEST`` for IEEE float32).
     interpret: run in Pallas interpret mode; ``None``: only on a CPU backend.
@@ -478,14 +488,15 @@ def attention(q_BxSxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
       kernels_lib.check_float_dtype(op, name, table)
     if head_dim % 2:
       raise ValueError(f"{op}: RoPE needs an even head dim, got {head_dim}")
-  blocks = {}
-  for name, value in (("block_q", block_q), ("block_k", block_k),
-                      ("block_q_bwd", block_q_bwd), ("block_k_bwd", block_k_bwd)):
-    blocks[name] = kernels_lib.fit_block(kernels_lib.check_block(op, name, value), seq_len)
+  bs = AttentionBlockSizes() if block_sizes is None else block_sizes
+  if not isinstance(bs, AttentionBlockSizes):
+    raise ValueError(f"{op}: block_sizes must be an AttentionBlockSizes, got {type(bs).__name__}")
+  blocks = {name: kernels_lib.fit_block(getattr(bs, name), seq_len)
+            for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd")}
   interpret = kernels_lib.resolve_interpret(interpret)
   cfg = _Config(
       sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
-      params=kernels_lib.compiler_params(num_warps, num_stages),
-      params_bwd=kernels_lib.compiler_params(num_warps_bwd, num_stages_bwd),
+      params=kernels_lib.compiler_params(bs.num_warps, bs.num_stages),
+      params_bwd=kernels_lib.compiler_params(bs.num_warps_bwd, bs.num_stages_bwd),
       precision=precision, interpret=interpret, **blocks)
   return _attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, cos_SxK, sin_SxK, cfg)

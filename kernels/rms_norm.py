@@ -43,6 +43,14 @@ _AUTO_TILE_ELEMENTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
+class RMSNormBlockSizes(kernels_lib.BlockSizes):
+  """Launch parameters of ``residual_rms_norm`` (``config.model.kernel_params.rms_norm``)."""
+  block_rows: int = kernels_lib.tile(0, minimum=1, auto=True)  # rows per program; 0: ~4096 elements per tile
+  num_warps: int = kernels_lib.warps(4)
+  num_stages: int = kernels_lib.stages(1)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Config:
   eps: float
   block_rows: int
@@ -113,16 +121,16 @@ _residual_rms_norm.defvjp(_residual_rms_norm_fwd, _residual_rms_norm_bwd)
 
 
 def residual_rms_norm(x: jax.Array, residual: jax.Array, *, eps: float,
-                      block_rows: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                      block_sizes: RMSNormBlockSizes | None = None,
                       interpret: bool | None = None) -> jax.Array:
   """Fused ``rms_norm(x + residual)``; same math and dtypes as the reference.
 
   Args:
     x, residual: same shape ``[..., D]`` and float dtype (D <= 16384).
     eps: added to the mean square.
-    block_rows: rows per program (a power of two); ``None`` picks about 4096
-      elements per tile.
-    num_warps, num_stages: Triton launch parameters.
+    block_sizes: rows per program (a power of two; 0 picks about 4096
+      elements per tile) and Triton launch parameters (``None``: the defaults
+      of ``RMSNormBlockSizes``).
     interpret: run in Pallas interpret mode; ``None``: only on a CPU backend.
 
   Returns:
@@ -144,11 +152,12 @@ def residual_rms_norm(x: jax.Array, residual: jax.Array, *, eps: float,
     raise ValueError(f"{op}: empty input of shape {x.shape}")
   padded_width = kernels_lib.next_power_of_2(x.shape[-1])
   rows = x.size // x.shape[-1]
-  if block_rows is None:
-    block_rows = max(1, _AUTO_TILE_ELEMENTS // padded_width)
-  kernels_lib.check_block(op, "block_rows", block_rows, minimum=1)
+  bs = RMSNormBlockSizes() if block_sizes is None else block_sizes
+  if not isinstance(bs, RMSNormBlockSizes):
+    raise ValueError(f"{op}: block_sizes must be an RMSNormBlockSizes, got {type(bs).__name__}")
+  block_rows = bs.block_rows or max(1, _AUTO_TILE_ELEMENTS // padded_width)
   block_rows = min(block_rows, kernels_lib.next_power_of_2(rows))
   interpret = kernels_lib.resolve_interpret(interpret)
   cfg = _Config(eps=float(eps), block_rows=block_rows,
-                params=kernels_lib.compiler_params(num_warps, num_stages), interpret=interpret)
+                params=kernels_lib.compiler_params(bs.num_warps, bs.num_stages), interpret=interpret)
   return _residual_rms_norm(x, residual, cfg)

@@ -91,6 +91,29 @@ _AT_B = ((0,), (0,))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
+class SwiGLUBlockSizes(kernels_lib.BlockSizes):
+  """Launch parameters of ``swiglu`` (``config.model.kernel_params.swiglu``, ``swiglu_mlp_t``).
+
+  The fused gate/up tiles are shrunk for small inputs; rows, D and I are
+  zero-padded to multiples of them. The matmul tiles are shrunk to divide the
+  padded extents.
+  """
+  block_rows: int = kernels_lib.tile(64)  # gate/up kernels: rows per program
+  block_inter: int = kernels_lib.tile(64)  # gate/up kernels: columns of I per program
+  block_width: int = kernels_lib.tile(64)  # gate/up kernels: step along D, the contraction
+  matmul_impl: str = kernels_lib.choice("xla", ("xla", "pallas"))  # the plain matmuls: XLA dots or a Pallas kernel
+  matmul_block_m: int = kernels_lib.tile(128)  # Pallas matmul tiles (matmul_impl="pallas")
+  matmul_block_n: int = kernels_lib.tile(128)
+  matmul_block_k: int = kernels_lib.tile(32)
+  num_warps: int = kernels_lib.warps(4)  # forward gate/up kernel
+  num_stages: int = kernels_lib.stages(3)
+  num_warps_bwd: int = kernels_lib.warps(4)  # backward gate/up kernel
+  num_stages_bwd: int = kernels_lib.stages(2)
+  matmul_num_warps: int = kernels_lib.warps(8)  # Pallas matmul kernel
+  matmul_num_stages: int = kernels_lib.stages(3)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Config:
   """Static settings of one call (hashable: it is a custom_vjp nondiff arg)."""
   block_rows: int
@@ -320,11 +343,7 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
-           block_rows: int = 64, block_inter: int = 64, block_width: int = 64,
-           matmul_impl: str = "xla", matmul_blocks: tuple[int, int, int] = (128, 128, 32),
-           num_warps: int = 4, num_stages: int = 3,
-           num_warps_bwd: int = 4, num_stages_bwd: int = 2,
-           matmul_num_warps: int = 8, matmul_num_stages: int = 3,
+           block_sizes: SwiGLUBlockSizes | None = None,
            precision: lax.Precision | None = None,
            interpret: bool | None = None) -> jax.Array:
   """Fused SwiGLU MLP; same math, dtypes and layouts as ``swiglu_reference``.
@@ -333,16 +352,10 @@ def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
     x: ``[..., D]`` float input (leading axes are flattened into rows).
     w_gate_up_Dx2I: ``[D, 2I]`` weights (gate columns first), cast to x's dtype.
     w_down_IxD: ``[I, D]`` weights, cast to x's dtype.
-    block_rows, block_inter, block_width: tiles of the fused gate/up kernels
-      along rows, I and D (powers of two >= 16; shrunk for small inputs).
-      Rows, D and I are zero-padded to multiples of them.
-    matmul_impl: ``"xla"`` or ``"pallas"``: how the plain matmuls (down
-      projection and the three backward matmuls) run.
-    matmul_blocks: preferred (M, N, K) tiles of the Pallas matmul kernel,
-      shrunk to divide the padded extents.
-    num_warps, num_stages, num_warps_bwd, num_stages_bwd, matmul_num_warps,
-      matmul_num_stages: Triton launch parameters of the forward / backward
-      gate-up kernels and of the matmul kernels.
+    block_sizes: tiles of the fused gate/up kernels, how the plain matmuls
+      (down projection and the three backward matmuls) run and their tiles,
+      and the Triton launch parameters (``None``: the defaults of
+      ``SwiGLUBlockSizes``).
     precision: precision of the in-kernel dots (``None``: Triton's default, TF32
       for float32 inputs on GPU; ``lax.Precision.HIGHEST`` for IEEE float32).
     interpret: run in Pallas interpret mode; ``None``: only on a CPU backend.
@@ -365,24 +378,18 @@ def swiglu(x: jax.Array, w_gate_up_Dx2I: jax.Array, w_down_IxD: jax.Array, *,
     raise ValueError(f"{op}: with x [..., {width}] expected w_gate_up [D, 2I] and w_down "
                      f"[I, D] with D = {width}, got {w_gate_up_Dx2I.shape} and "
                      f"{w_down_IxD.shape}")
-  for name, value in (("block_rows", block_rows), ("block_inter", block_inter),
-                      ("block_width", block_width)):
-    kernels_lib.check_block(op, name, value)
-  if matmul_impl not in ("xla", "pallas"):
-    raise ValueError(f"{op}: matmul_impl must be 'xla' or 'pallas', got {matmul_impl!r}")
-  if len(matmul_blocks) != 3:
-    raise ValueError(f"{op}: matmul_blocks must be (M, N, K), got {matmul_blocks!r}")
-  for value in matmul_blocks:
-    kernels_lib.check_block(op, "matmul_blocks", value)
+  bs = SwiGLUBlockSizes() if block_sizes is None else block_sizes
+  if not isinstance(bs, SwiGLUBlockSizes):
+    raise ValueError(f"{op}: block_sizes must be a SwiGLUBlockSizes, got {type(bs).__name__}")
   interpret = kernels_lib.resolve_interpret(interpret)
   cfg = _Config(
-      block_rows=kernels_lib.fit_block(block_rows, x.size // width),
-      block_inter=kernels_lib.fit_block(block_inter, inter),
-      block_width=kernels_lib.fit_block(block_width, width),
-      matmul_impl=matmul_impl,
-      matmul_blocks=tuple(matmul_blocks),
-      params=kernels_lib.compiler_params(num_warps, num_stages),
-      params_bwd=kernels_lib.compiler_params(num_warps_bwd, num_stages_bwd),
-      matmul_params=kernels_lib.compiler_params(matmul_num_warps, matmul_num_stages),
+      block_rows=kernels_lib.fit_block(bs.block_rows, x.size // width),
+      block_inter=kernels_lib.fit_block(bs.block_inter, inter),
+      block_width=kernels_lib.fit_block(bs.block_width, width),
+      matmul_impl=bs.matmul_impl,
+      matmul_blocks=(bs.matmul_block_m, bs.matmul_block_n, bs.matmul_block_k),
+      params=kernels_lib.compiler_params(bs.num_warps, bs.num_stages),
+      params_bwd=kernels_lib.compiler_params(bs.num_warps_bwd, bs.num_stages_bwd),
+      matmul_params=kernels_lib.compiler_params(bs.matmul_num_warps, bs.matmul_num_stages),
       precision=precision, interpret=interpret)
   return _swiglu(x, w_gate_up_Dx2I, w_down_IxD, cfg)

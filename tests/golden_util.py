@@ -43,7 +43,8 @@ def make_model_file(path, config: trm.TRMConfig, batch_size: int, seed: int = 0,
         (config.num_puzzle_identifiers, config.puzzle_emb_ndim)).astype(np.float32)
   params, table = weights.import_state_dict(config, state)
   out = {f"param/{k}": v for k, v in state.items()}
-  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("kernels", "remat")}
+  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+         if f.name not in ("kernels", "remat", "kernel_params")}
   cfg["batch_size"] = batch_size
   out["config_json"] = np.asarray(json.dumps(cfg))
   out["block_scale"] = np.asarray(block_scale)

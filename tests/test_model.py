@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compiles
 from trm_jax import act
 from trm_jax import losses
 from trm_jax import weights
@@ -115,13 +116,29 @@ def test_jitted_call_compiles_once():
   config = tiny()
   params = trm.init_params(config, jax.random.key(0))
   table = trm.init_puzzle_emb(config)
-  call = jax.jit(lambda p, t, c, b, k: losses.act_call(config, p, t, c, b, train=True, rng=k))
+
+  def train_call(p, t, c, b, k):
+    return losses.act_call(config, p, t, c, b, train=True, rng=k)
+  call = jax.jit(train_call)
   batch = tiny_batch(config)
   carry = act.initial_carry(config, batch)
-  for seed in range(3):
-    carry, loss, _, _ = call(params, table, carry, tiny_batch(config, seed=seed), jax.random.key(seed))
-    assert np.isfinite(loss)
-  assert call._cache_size() == 1  # pylint: disable=protected-access
+  with compiles.count_compiles() as counts:
+    for seed in range(3):
+      carry, loss, _, _ = call(params, table, carry, tiny_batch(config, seed=seed), jax.random.key(seed))
+      assert np.isfinite(loss)
+  assert counts["jit(train_call)"] == 1, counts
+
+
+def test_the_compile_count_sees_a_recompile():
+  """The check above can fail: a call with a new shape compiles again, and is counted."""
+  def double(x):
+    return 2 * x
+  f = jax.jit(double)
+  with compiles.count_compiles() as counts:
+    f(jnp.ones(3))
+    f(jnp.ones(3))
+    f(jnp.ones(4))
+  assert counts["jit(double)"] == 2, counts
 
 
 def test_bfloat16_dtypes():

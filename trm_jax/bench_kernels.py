@@ -11,15 +11,23 @@ per-device batch: attention ``[B, S+P, H, K]`` (with the RoPE tables when
 (one ``jax.vjp`` with a fixed cotangent), for the plain-jnp reference (what
 ``model.kernels="xla"`` runs) and the Pallas kernel.
 
-``--sweep`` also times the Pallas kernels over a grid of tile sizes and Triton
-launch parameters: forward parameters first (by forward time), then the
-backward ones with the best forward ones fixed (by forward plus backward time).
-Each candidate's forward output is checked against the reference; a candidate
-that fails to compile (shared memory, registers) or disagrees is reported and
-never chosen. Every result is one JSON line (stdout, and ``--output`` if
-given); the last line, ``{"summary": ...}``, has per op the reference and
-default-kernel times, the best parameters found and their speedup, as keyword
-arguments for the op in ``kernels/``.
+The Pallas kernels run with the config's launch parameters
+(``config.model.kernel_params.<case>``, one ``BlockSizes`` dataclass per case:
+``attention``, ``rms_norm``, ``swiglu``, ``rms_norm_mlp_t``, ``swiglu_mlp_t``).
+``--sweep`` also times them over a grid of tile sizes and Triton launch
+parameters, starting from the config's: forward parameters first (by forward
+time), then the backward ones with the best forward ones fixed (by forward plus
+backward time); the config's own values are a candidate of each phase, so a
+sweep never picks something slower than what it measured them at. Each
+candidate's forward output is checked against the reference; a candidate that
+fails to compile (shared memory, registers) or disagrees is reported and never
+chosen. Every result is one JSON line (stdout, and ``--output`` if given); the
+last line, ``{"summary": ...}``, has per case the reference and config-kernel
+times, the best parameters found and their speedup, and ``config_overrides``:
+the best parameters of every case as the ``--config.model.kernel_params.*``
+flags to add to the training command (also printed to stderr as one line).
+Sequence lengths differ per task (S + P = 97 for Sudoku, 916 for ARC and
+mazes), so a sweep is run, and its overrides kept, per task config.
 
 On a CPU the kernels run in Pallas interpret mode: the tool works (and is
 tested) there, but its numbers only mean something on a GPU.
@@ -55,11 +63,17 @@ class Case:
   op: str                 # the kernels/ op: attention, rms_norm or swiglu
   args: tuple             # positional inputs (arrays or None)
   reference: Callable     # (*args) -> out
-  pallas: Callable        # (*args, **params) -> out
+  pallas: Callable        # (*args, block_sizes=...) -> out
+  block_sizes: Any        # the config's launch parameters: model.kernel_params.<name>, a kernels BlockSizes
   fwd_flops: float        # matmul FLOPs of the forward pass (0 for the norm)
   fwd_bytes: float        # bytes the forward pass must move at least
   shape: dict[str, Any]
   num_diff: int = 0       # leading args differentiated, as in the model (0: all); the rest are constants
+
+  def kernel(self, params: dict[str, Any] | None = None) -> Callable:
+    """The Pallas op with the config's launch parameters, ``params`` replacing some (checked: a bad
+    value raises here)."""
+    return functools.partial(self.pallas, block_sizes=dataclasses.replace(self.block_sizes, **(params or {})))
 
 
 def _cases(model, batch: int, ops: list[str]) -> list[Case]:
@@ -78,7 +92,8 @@ def _cases(model, batch: int, ops: list[str]) -> list[Case]:
     if model.pos_encodings == "rope":
       cos, sin = layers.rope_tables(length, head_dim, model.rope_theta)
     cases.append(Case("attention", "attention", (q, k, v, cos, sin), attention_lib.attention_reference,
-                      attention_lib.attention, 4.0 * batch * heads * length * length * head_dim,
+                      attention_lib.attention, model.kernel_params.attention,
+                      4.0 * batch * heads * length * length * head_dim,
                       4.0 * q.size * dtype.itemsize, {"B": batch, "S": length, "H": heads, "K": head_dim,
                                                       "rope": cos is not None, "dtype": dtype.name},
                       num_diff=3))  # the RoPE tables are constants in the model
@@ -91,7 +106,8 @@ def _cases(model, batch: int, ops: list[str]) -> list[Case]:
       x, residual = normal(shape), normal(shape)
       cases.append(Case("rms_norm" + suffix, "rms_norm", (x, residual),
                         functools.partial(rms_norm_lib.residual_rms_norm_reference, eps=eps),
-                        functools.partial(rms_norm_lib.residual_rms_norm, eps=eps), 0.0,
+                        functools.partial(rms_norm_lib.residual_rms_norm, eps=eps),
+                        getattr(model.kernel_params, "rms_norm" + suffix), 0.0,
                         3.0 * x.size * dtype.itemsize, {"shape": list(shape), "dtype": dtype.name}))
     if "swiglu" in ops:
       inter = layers.swiglu_intermediate_size(width, model.expansion)
@@ -100,7 +116,7 @@ def _cases(model, batch: int, ops: list[str]) -> list[Case]:
       w_down = normal((inter, width), jnp.float32) * inter ** -0.5
       rows = x.size // width
       cases.append(Case("swiglu" + suffix, "swiglu", (x, w_gate_up, w_down), swiglu_lib.swiglu_reference,
-                        swiglu_lib.swiglu, 6.0 * rows * width * inter,
+                        swiglu_lib.swiglu, getattr(model.kernel_params, "swiglu" + suffix), 6.0 * rows * width * inter,
                         2.0 * x.size * dtype.itemsize + 3.0 * width * inter * dtype.itemsize,
                         {"shape": list(shape), "intermediate": inter, "dtype": dtype.name}))
   return cases
@@ -216,11 +232,12 @@ def run(model, batch: int, *, ops: list[str], sweep: str = "none", max_candidate
   """Times every case; returns the summary (also emitted as the last row)."""
   summary = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch_per_device": batch,
              "cases": {}}
+  best = {}  # case name -> its best BlockSizes
   for case in _cases(model, batch, ops):
-    info = {"shape": case.shape}
+    info = {"shape": case.shape, "block_sizes": case.block_sizes.to_dict()}
     emit({"case": case.name, "shape": case.shape})
     outputs = {}
-    for impl_name, impl in (("xla", case.reference), ("pallas", case.pallas)):
+    for impl_name, impl in (("xla", case.reference), ("pallas", case.kernel())):
       for part in ("fwd", "fwd_bwd"):
         seconds, outputs[impl_name] = _measure(case, impl, part, iters)
         emit(_record(case, impl_name, {}, part, seconds))
@@ -234,12 +251,11 @@ def run(model, batch: int, *, ops: list[str], sweep: str = "none", max_candidate
       if max_candidates:
         candidates = candidates[:max_candidates]
       phase_best = None
-      for candidate in candidates:
+      for candidate in [{}] + candidates:  # {}: the config's (or the earlier phases') values
         params = {**chosen, **candidate}
-        impl = functools.partial(case.pallas, **params)
         row = {"case": case.name, "impl": "pallas", "phase": phase, "params": params, "part": part}
         try:
-          seconds, out = _measure(case, impl, part, iters)
+          seconds, out = _measure(case, case.kernel(params), part, iters)
           error = float(_relative_error_fn(out, reference_out))
         except Exception as e:  # pylint: disable=broad-except
           # Too much shared memory, too many registers, an invalid tile: skip it.
@@ -257,12 +273,22 @@ def run(model, batch: int, *, ops: list[str], sweep: str = "none", max_candidate
     if sweep != "none":
       best_ms = info["pallas_fwd_bwd_ms"]
       if chosen:  # the final choice, timed forward plus backward
-        best_ms = _measure(case, functools.partial(case.pallas, **chosen), "fwd_bwd", iters)[0] * 1e3
-      info.update({"best_params": chosen, "best_fwd_bwd_ms": best_ms,
-                   "best_speedup_fwd_bwd": info["xla_fwd_bwd_ms"] / best_ms})
+        best_ms = _measure(case, case.kernel(chosen), "fwd_bwd", iters)[0] * 1e3
+      best[case.name] = dataclasses.replace(case.block_sizes, **chosen)
+      info.update({"best_params": chosen, "best_block_sizes": best[case.name].to_dict(),
+                   "best_fwd_bwd_ms": best_ms, "best_speedup_fwd_bwd": info["xla_fwd_bwd_ms"] / best_ms})
     summary["cases"][case.name] = info
+  if sweep != "none":
+    summary["config_overrides"] = config_overrides(model.kernel_params, best)
   emit({"summary": summary})
   return summary
+
+
+def config_overrides(kernel_params, best: dict[str, Any]) -> list[str]:
+  """The ``--config.model.kernel_params.*`` flags that give ``kernel_params`` with each swept
+  case's best parameters: every value that differs from the defaults (so the flags reproduce
+  what was measured, also where the config already overrode a default)."""
+  return dataclasses.replace(kernel_params, **best).overrides()
 
 
 def _define_flags():
@@ -301,11 +327,15 @@ def main(argv):
       out_file.write(line + "\n")
       out_file.flush()
   try:
-    run(model, batch, ops=FLAGS.ops, sweep=FLAGS.sweep, max_candidates=FLAGS.max_candidates,
-        iters=FLAGS.iters, emit=emit)
+    summary = run(model, batch, ops=FLAGS.ops, sweep=FLAGS.sweep, max_candidates=FLAGS.max_candidates,
+                  iters=FLAGS.iters, emit=emit)
   finally:
     if out_file:
       out_file.close()
+  if "config_overrides" in summary:
+    # stdout holds only JSON lines; the one line to paste goes to stderr.
+    flags_line = " ".join(summary["config_overrides"]) or "(none: the default parameters were the fastest measured)"
+    print(f"best launch parameters, as config overrides: {flags_line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

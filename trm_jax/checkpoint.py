@@ -70,8 +70,14 @@ def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], where
 
 
 # Model keys that do not change what the model computes, only how: free to
-# change on resume (e.g. Pallas kernels on the GPU a run moves to).
+# change on resume (e.g. Pallas kernels on the GPU a run moves to, with tile
+# sizes tuned for it: every key under model.kernel_params).
 IMPLEMENTATION_KEYS = ("model.kernels", "model.remat")
+IMPLEMENTATION_PREFIXES = ("model.kernel_params.",)
+
+
+def is_implementation_key(key: str) -> bool:
+  return key in IMPLEMENTATION_KEYS or key.startswith(IMPLEMENTATION_PREFIXES)
 
 
 def check_resume(saved_meta: dict[str, Any], config: dict[str, Any], dataset: dict[str, int], where: str) -> None:
@@ -94,7 +100,7 @@ def check_resume(saved_meta: dict[str, Any], config: dict[str, Any], dataset: di
   allowed = {k.strip() for k in str(current.get("resume_allow_changes") or "").split(",") if k.strip()}
   allowed |= {k.removeprefix("model.") for k in allowed}
   changed = [k for k in current if k.startswith("model.") and k in saved and k not in STRUCTURAL_KEYS
-             and k not in IMPLEMENTATION_KEYS and saved[k] != current[k]
+             and not is_implementation_key(k) and saved[k] != current[k]
              and k not in allowed and k.removeprefix("model.") not in allowed]
   if changed:
     listed = "; ".join(f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in changed)

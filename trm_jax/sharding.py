@@ -29,7 +29,6 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
-ALL_AXES = AXES
 PARAM_SHARDINGS = ("replicated", "fsdp", "fsdp_model")
 # Weights split by their output features under the ``model`` axis ...
 _COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")
@@ -97,7 +96,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def table_sharding(mesh: Mesh) -> NamedSharding:
   """The puzzle-embedding table: rows over every device."""
-  return NamedSharding(mesh, P(ALL_AXES, None))
+  return NamedSharding(mesh, P(AXES, None))
 
 
 def padded_table_rows(num_rows: int, mesh: Mesh) -> int:

@@ -23,7 +23,7 @@ def random_tables(key, seq_len: int, head_dim: int):
           jax.random.normal(sin_key, (seq_len, head_dim), jnp.float32))
 
 
-# (batch, seq, heads, head_dim, rope, dtype, kernel kwargs). 97 = 81 + 16
+# (batch, seq, heads, head_dim, rope, dtype, sm_scale and AttentionBlockSizes fields). 97 = 81 + 16
 # (sudoku) and 916 = 900 + 16 (ARC, maze) are not multiples of any block.
 CASES = {
     "s97_k64_rope_f32": (2, 97, 2, 64, "model", jnp.float32, {}),
@@ -55,7 +55,8 @@ def test_matches_reference_forward_and_grads(case, assert_close, value_and_grads
   argnums = tuple(range(len(args)))
 
   def kernel(*a):
-    return attention_lib.attention(*a, sm_scale=sm_scale, **kwargs)
+    return attention_lib.attention(*a, sm_scale=sm_scale,
+                                   block_sizes=attention_lib.AttentionBlockSizes(**kwargs))
 
   def reference(*a):
     return attention_lib.attention_reference(*a, sm_scale=sm_scale)
@@ -83,10 +84,18 @@ def _qkv(shape=(1, 8, 2, 16), dtype=jnp.float32):
     (lambda: _qkv() + [jnp.ones((8, 16)), None], {}, "both cos and sin"),
     (lambda: _qkv() + [jnp.ones((8, 8)), jnp.ones((8, 8))], {}, r"shape \(S, K\)"),
     (lambda: _qkv((1, 8, 2, 15)) + [jnp.ones((8, 15)), jnp.ones((8, 15))], {}, "even head dim"),
-    (lambda: _qkv(), dict(block_q=48), "block_q must be a power of two"),
-    (lambda: _qkv(), dict(block_k_bwd=8), "block_k_bwd must be a power of two >= 16"),
-    (lambda: _qkv(), dict(num_warps=3), "num_warps"),
+    (lambda: _qkv(), dict(block_q=48), r"AttentionBlockSizes\.block_q=48: expected a power of two >= 16$"),
+    (lambda: _qkv(), dict(block_k_bwd=8), r"block_k_bwd=8: expected a power of two >= 16$"),
+    (lambda: _qkv(), dict(num_warps=3), r"num_warps=3: expected a power of two >= 1$"),
+    (lambda: _qkv(), dict(num_stages_bwd=0), r"num_stages_bwd=0: expected a positive integer$"),
+    (lambda: _qkv(), dict(block_k=64.0), r"block_k=64\.0: expected a power of two"),
 ])
 def test_invalid_inputs_raise(make_args, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    attention_lib.attention(*make_args(), **kwargs)
+    attention_lib.attention(*make_args(), block_sizes=attention_lib.AttentionBlockSizes(**kwargs))
+
+
+def test_block_sizes_must_be_attention_block_sizes():
+  from trm_jax.kernels import rms_norm as rms_norm_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="block_sizes must be an AttentionBlockSizes"):
+    attention_lib.attention(*_qkv(), block_sizes=rms_norm_lib.RMSNormBlockSizes())

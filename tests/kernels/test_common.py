@@ -1,5 +1,7 @@
 """The helpers shared by the kernels (kernels/__init__.py)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -22,10 +24,39 @@ def test_block_rules():
   assert kernels_lib.fit_block(64, 10) == 16  # never below the dot minimum
   assert kernels_lib.fit_block(64, 40) == 64
   assert kernels_lib.fit_block(128, 97) == 128
-  assert kernels_lib.check_block("op", "b", 32) == 32
-  for bad in (24, 8, 0, 16.0):
-    with pytest.raises(ValueError, match="op: b must be a power of two >= 16"):
-      kernels_lib.check_block("op", "b", bad)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sizes(kernels_lib.BlockSizes):
+  block: int = kernels_lib.tile(32)
+  rows: int = kernels_lib.tile(0, minimum=1, auto=True)
+  num_warps: int = kernels_lib.warps(4)
+  num_stages: int = kernels_lib.stages(2)
+  impl: str = kernels_lib.choice("a", ("a", "b"))
+
+
+@pytest.mark.parametrize("field, bad, expected", [
+    ("block", 24, "a power of two >= 16"), ("block", 8, "a power of two >= 16"),
+    ("block", 0, "a power of two >= 16"), ("block", 16.0, "a power of two >= 16"),
+    ("block", True, "a power of two >= 16"), ("rows", 3, r"a power of two >= 1 or 0 \(automatic\)"),
+    ("rows", -1, r"a power of two >= 1 or 0 \(automatic\)"), ("num_warps", 6, "a power of two >= 1"),
+    ("num_stages", 0, "a positive integer"), ("num_stages", "2", "a positive integer"),
+    ("impl", "c", r"one of \('a', 'b'\)"),
+])
+def test_block_sizes_reject_bad_values_naming_the_field(field, bad, expected):
+  with pytest.raises(kernels_lib.BlockSizeError, match=rf"^_Sizes\.{field}={bad!r}: expected {expected}$"):
+    _Sizes(**{field: bad})
+  # from_dict names the value by the caller's key (a config's), on one line.
+  with pytest.raises(ValueError, match=rf"^config\.x\.{field}={bad!r}: expected {expected}$"):
+    _Sizes.from_dict({field: bad}, "config.x")
+
+
+def test_block_sizes_defaults_dicts_and_unknown_keys():
+  sizes = _Sizes.from_dict({"block": 64, "rows": 0, "num_warps": 1, "impl": "b"})
+  assert sizes == _Sizes(block=64, rows=0, num_warps=1, impl="b") and hash(sizes) == hash(_Sizes(**sizes.to_dict()))
+  assert _Sizes.from_dict({}) == _Sizes()
+  with pytest.raises(ValueError, match=r"^config\.x: unknown key\(s\) \['blok'\]; expected some of"):
+    _Sizes.from_dict({"blok": 64}, "config.x")
 
 
 def test_pad_axis():

@@ -6,7 +6,7 @@ import pytest
 
 from trm_jax.kernels import rms_norm as rms_norm_lib
 
-# (shape, dtype, eps, kernel kwargs). The last axis is the normalised one:
+# (shape, dtype, eps, RMSNormBlockSizes fields). The last axis is the normalised one:
 # 97 and 916 are the mlp_t position axes (sudoku, ARC), 512 / 64 channel widths.
 CASES = {
     "w97_f32": ((3, 97), jnp.float32, 1e-5, {}),
@@ -27,7 +27,8 @@ def test_matches_reference_forward_and_grads(case, assert_close, value_and_grads
   residual = (0.5 * jax.random.normal(keys[1], shape)).astype(dtype)
 
   out, grads = value_and_grads(
-      lambda a, b: rms_norm_lib.residual_rms_norm(a, b, eps=eps, **kwargs), [x, residual],
+      lambda a, b: rms_norm_lib.residual_rms_norm(
+          a, b, eps=eps, block_sizes=rms_norm_lib.RMSNormBlockSizes(**kwargs)), [x, residual],
       (0, 1), keys[2])
   ref_out, ref_grads = value_and_grads(
       lambda a, b: rms_norm_lib.residual_rms_norm_reference(a, b, eps=eps), [x, residual],
@@ -43,8 +44,10 @@ def test_matches_reference_forward_and_grads(case, assert_close, value_and_grads
     (jnp.ones((2, 8)), jnp.ones((2, 8), jnp.bfloat16), {}, "same dtype"),
     (jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32), {}, "float32, bfloat16"),
     (jnp.ones(()), jnp.ones(()), {}, "last axis"),
-    (jnp.ones((2, 8)), jnp.ones((2, 8)), dict(block_rows=3), "block_rows must be a power of two"),
+    (jnp.ones((2, 8)), jnp.ones((2, 8)), dict(block_rows=3),
+     r"block_rows=3: expected a power of two >= 1 or 0 \(automatic\)$"),
+    (jnp.ones((2, 8)), jnp.ones((2, 8)), dict(num_warps=0), "num_warps=0: expected a power of two"),
 ])
 def test_invalid_inputs_raise(x, residual, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    rms_norm_lib.residual_rms_norm(x, residual, eps=1e-5, **kwargs)
+    rms_norm_lib.residual_rms_norm(x, residual, eps=1e-5, block_sizes=rms_norm_lib.RMSNormBlockSizes(**kwargs))

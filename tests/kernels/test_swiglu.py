@@ -14,14 +14,14 @@ def inter_width(width: int, expansion: float = 4.0) -> int:
   return -(-round(expansion * width * 2 / 3) // 256) * 256
 
 
-# (leading dims of x, D, dtype, kernel kwargs). Channel MLPs have D = 64 or
+# (leading dims of x, D, dtype, SwiGLUBlockSizes fields). Channel MLPs have D = 64 or
 # 512; the mlp_t variant runs over positions: D = S + P in {32, 97, 916}.
 CASES = {
     "d64_f32": ((3, 10), 64, jnp.float32, {}),
     "d64_f32_small_tiles_pallas_matmul": (
         (2, 9), 64, jnp.float32,
         dict(block_rows=16, block_inter=32, block_width=16, matmul_impl="pallas",
-             matmul_blocks=(16, 32, 16))),
+             matmul_block_m=16, matmul_block_n=32, matmul_block_k=16)),
     "d512_bf16": ((2, 9), 512, jnp.bfloat16, {}),
     "mlp_t_d32_f32": ((5,), 32, jnp.float32, {}),
     "mlp_t_d97_bf16_pallas_matmul": ((2, 12), 97, jnp.bfloat16, dict(matmul_impl="pallas")),
@@ -40,7 +40,8 @@ def test_matches_reference_forward_and_grads(case, assert_close, value_and_grads
   w_down = jax.random.normal(keys[2], (inter, width)) / math.sqrt(inter)
   args = [x, w_gate_up, w_down]
 
-  out, grads = value_and_grads(lambda *a: swiglu_lib.swiglu(*a, **kwargs), args, (0, 1, 2),
+  block_sizes = swiglu_lib.SwiGLUBlockSizes(**kwargs)
+  out, grads = value_and_grads(lambda *a: swiglu_lib.swiglu(*a, block_sizes=block_sizes), args, (0, 1, 2),
                                keys[3])
   ref_out, ref_grads = value_and_grads(swiglu_lib.swiglu_reference, args, (0, 1, 2), keys[3])
   tol = TOLERANCE[dtype]
@@ -58,8 +59,9 @@ def test_non_multiple_of_256_inter_width(assert_close, value_and_grads):
   w_down = jax.random.normal(keys[2], (40, 48)) / math.sqrt(40)
   args = [x, w_gate_up, w_down]
   out, grads = value_and_grads(
-      lambda *a: swiglu_lib.swiglu(*a, block_inter=32, matmul_impl="pallas"), args,
-                               (0, 1, 2), keys[3])
+      lambda *a: swiglu_lib.swiglu(
+          *a, block_sizes=swiglu_lib.SwiGLUBlockSizes(block_inter=32, matmul_impl="pallas")), args,
+      (0, 1, 2), keys[3])
   ref_out, ref_grads = value_and_grads(swiglu_lib.swiglu_reference, args, (0, 1, 2), keys[3])
   assert_close(out, ref_out, 2e-5, "output")
   for name, grad, ref_grad in zip(["dx", "dw_gate_up", "dw_down"], grads, ref_grads):
@@ -71,15 +73,16 @@ def test_non_multiple_of_256_inter_width(assert_close, value_and_grads):
     (((4, 64), (64, 500), (256, 64)), {}, "expected w_gate_up"),
     (((4, 64), (64, 512), (256,)), {}, "w_down must be 2-D"),
     (((4, 0), (0, 512), (256, 0)), {}, "non-empty"),
-    (((4, 64), (64, 512), (256, 64)), dict(block_inter=96), "block_inter must be a power of two"),
-    (((4, 64), (64, 512), (256, 64)), dict(matmul_impl="cublas"), "matmul_impl must be"),
-    (((4, 64), (64, 512), (256, 64)), dict(matmul_blocks=(64, 64)), r"matmul_blocks must be \(M"),
-    (((4, 64), (64, 512), (256, 64)), dict(matmul_blocks=(64, 64, 8)), "matmul_blocks must be a"),
+    (((4, 64), (64, 512), (256, 64)), dict(block_inter=96), r"block_inter=96: expected a power of two >= 16$"),
+    (((4, 64), (64, 512), (256, 64)), dict(matmul_impl="cublas"),
+     r"matmul_impl='cublas': expected one of \('xla', 'pallas'\)$"),
+    (((4, 64), (64, 512), (256, 64)), dict(matmul_block_k=8), r"matmul_block_k=8: expected a power of two >= 16$"),
+    (((4, 64), (64, 512), (256, 64)), dict(matmul_num_stages=0), "matmul_num_stages=0: expected a positive"),
 ])
 def test_invalid_inputs_raise(shapes, kwargs, message):
   x, w_gate_up, w_down = (jnp.ones(shape) for shape in shapes)
   with pytest.raises(ValueError, match=message):
-    swiglu_lib.swiglu(x, w_gate_up, w_down, **kwargs)
+    swiglu_lib.swiglu(x, w_gate_up, w_down, block_sizes=swiglu_lib.SwiGLUBlockSizes(**kwargs))
 
 
 def test_integer_input_raises():

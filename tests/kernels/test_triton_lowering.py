@@ -84,7 +84,8 @@ def test_rms_norm_lowers(h100, dtype, shape):
 def test_swiglu_lowers(h100, dtype, matmul_impl, num_matmul_kernels, shape, inter):
   width = shape[-1]
   text = lower_for_cuda(
-      lambda *a: swiglu_lib.swiglu(*a, matmul_impl=matmul_impl, interpret=False),
+      lambda *a: swiglu_lib.swiglu(*a, block_sizes=swiglu_lib.SwiGLUBlockSizes(matmul_impl=matmul_impl),
+                                   interpret=False),
       jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((width, 2 * inter), jnp.float32),
       jax.ShapeDtypeStruct((inter, width), jnp.float32))
   assert kernel_names(text) == ["trm_swiglu_gate_up", "trm_swiglu_gate_up_bwd"] + [

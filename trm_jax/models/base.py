@@ -16,7 +16,6 @@ through.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -85,6 +84,8 @@ class ModelConfig:
   loss_type: str = "stablemax_cross_entropy"
   kernels: str = "xla"
   remat: str = "none"
+  # The Pallas ops' launch parameters (a mapping {op: {key: value}} is converted); how, not what, they compute.
+  kernel_params: ops.KernelParams = ops.DEFAULT_PARAMS
 
   def fail(self, field: str, expected: str):
     raise ValueError(f"model config: {field}={getattr(self, field)!r}: expected {expected}")
@@ -131,6 +132,11 @@ class ModelConfig:
     if self.expansion <= 0:
       self.fail("expansion", "a positive number")
     ops.check_impl(self.kernels)
+    if isinstance(self.kernel_params, Mapping):
+      object.__setattr__(self, "kernel_params", ops.KernelParams.from_dict(self.kernel_params,
+                                                                           "model config: kernel_params"))
+    elif not isinstance(self.kernel_params, ops.KernelParams):
+      self.fail("kernel_params", "a mapping {op: {key: value}} or an ops.KernelParams")
     if self.remat not in REMAT_POLICIES:
       self.fail("remat", f"one of {REMAT_POLICIES}")
     self.check_arch()
@@ -170,14 +176,6 @@ class ModelConfig:
       raise ValueError(f"{source}: missing model field(s) {missing}")
     return cls(**kwargs)
 
-  @classmethod
-  def from_json(cls, text: str, *, source: str = "config_json") -> "ModelConfig":
-    try:
-      d = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{source}: invalid JSON ({e})") from None
-    return cls.from_dict(d, source=source)
-
   def to_dict(self) -> dict[str, Any]:
     """Every field plus ``arch``: what ``config_from_dict`` takes back."""
     return {"arch": self.arch, **dataclasses.asdict(self)}
@@ -216,7 +214,7 @@ class Network(nn.Module):
       setattr(self, name, layers.ReasoningModule(
           num_layers=num_layers, hidden_size=d, num_heads=c.num_heads, expansion=c.expansion,
           mlp_t=c.mlp_t, num_positions=c.num_positions, rms_norm_eps=c.rms_norm_eps, kernels=c.kernels,
-          remat_attention=c.remat == "attention"))
+          remat_attention=c.remat == "attention", kernel_params=c.kernel_params))
 
   def embed(self, inputs_BxS: jax.Array, puzzle_rows_BxE: jax.Array | None) -> jax.Array:
     """Token embeddings with the puzzle-embedding prefix: ``[B, S+P, D]`` in the forward dtype."""

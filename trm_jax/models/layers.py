@@ -77,6 +77,7 @@ class SwiGLU(nn.Module):
   expansion: float
   kernels: str = "xla"
   over_first_axis: bool = False
+  kernel_params: ops.KernelParams = ops.DEFAULT_PARAMS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,8 +85,8 @@ class SwiGLU(nn.Module):
     w_gate_up_Wx2I = self.param("gate_up_proj", lecun_trunc_normal(self.width), (self.width, 2 * inter))
     w_down_IxW = self.param("down_proj", lecun_trunc_normal(inter), (inter, self.width))
     if self.over_first_axis:
-      return ops.swiglu_axis0(x, w_gate_up_Wx2I, w_down_IxW, impl=self.kernels)
-    return ops.swiglu(x, w_gate_up_Wx2I, w_down_IxW, impl=self.kernels)
+      return ops.swiglu_axis0(x, w_gate_up_Wx2I, w_down_IxW, impl=self.kernels, params=self.kernel_params)
+    return ops.swiglu(x, w_gate_up_Wx2I, w_down_IxW, impl=self.kernels, params=self.kernel_params)
 
 
 class Attention(nn.Module):
@@ -94,6 +95,7 @@ class Attention(nn.Module):
   num_heads: int
   kernels: str = "xla"
   remat: bool = False  # recompute the attention op in the backward pass instead of storing its internals
+  kernel_params: ops.KernelParams = ops.DEFAULT_PARAMS
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
@@ -108,7 +110,7 @@ class Attention(nn.Module):
     qkv = jnp.dot(h_BxSxD.reshape(batch * seq, dim), w_qkv_Dx3I.astype(dtype)).reshape(
         batch, seq, 3 * self.num_heads, head_dim)
     q, k, v = jnp.split(qkv, 3, axis=2)  # each [B, S, H, K], in the original's order
-    attention = functools.partial(ops.attention, impl=self.kernels)
+    attention = functools.partial(ops.attention, impl=self.kernels, params=self.kernel_params)
     if self.remat:
       # With kernels="xla" the [B, H, S, S] softmax is the largest activation
       # the backward pass would keep; recomputing it keeps only q, k and v.
@@ -134,6 +136,7 @@ class Block(nn.Module):
   rms_norm_eps: float
   kernels: str = "xla"
   remat_attention: bool = False
+  kernel_params: ops.KernelParams = ops.DEFAULT_PARAMS
 
   @nn.compact
   def __call__(self, h: jax.Array, cos_SxK: jax.Array | None, sin_SxK: jax.Array | None) -> jax.Array:
@@ -142,15 +145,15 @@ class Block(nn.Module):
       h_SxBxD = h
       seq, batch, dim = h_SxBxD.shape
       mixed_SxN = SwiGLU(self.num_positions, self.expansion, self.kernels, over_first_axis=True,
-                         name="mlp_t")(h_SxBxD.reshape(seq, batch * dim))
+                         kernel_params=self.kernel_params, name="mlp_t")(h_SxBxD.reshape(seq, batch * dim))
       h = ops.residual_rms_norm_axis0(h_SxBxD, mixed_SxN.reshape(seq, batch, dim), eps=self.rms_norm_eps,
-                                      impl=self.kernels)
+                                      impl=self.kernels, params=self.kernel_params)
     else:
       attn = Attention(self.hidden_size, self.num_heads, self.kernels, self.remat_attention,
-                       name="self_attn")(h, cos_SxK, sin_SxK)
-      h = ops.residual_rms_norm(h, attn, eps=self.rms_norm_eps, impl=self.kernels)
-    mlp = SwiGLU(self.hidden_size, self.expansion, self.kernels, name="mlp")(h)
-    return ops.residual_rms_norm(h, mlp, eps=self.rms_norm_eps, impl=self.kernels)
+                       kernel_params=self.kernel_params, name="self_attn")(h, cos_SxK, sin_SxK)
+      h = ops.residual_rms_norm(h, attn, eps=self.rms_norm_eps, impl=self.kernels, params=self.kernel_params)
+    mlp = SwiGLU(self.hidden_size, self.expansion, self.kernels, kernel_params=self.kernel_params, name="mlp")(h)
+    return ops.residual_rms_norm(h, mlp, eps=self.rms_norm_eps, impl=self.kernels, params=self.kernel_params)
 
 
 class ReasoningModule(nn.Module):
@@ -167,6 +170,7 @@ class ReasoningModule(nn.Module):
   rms_norm_eps: float
   kernels: str = "xla"
   remat_attention: bool = False
+  kernel_params: ops.KernelParams = ops.DEFAULT_PARAMS
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, inj_BxSxD: jax.Array | None,
@@ -179,7 +183,7 @@ class ReasoningModule(nn.Module):
       h_BxSxD = jnp.swapaxes(h_BxSxD, 0, 1)
     for i in range(self.num_layers):
       h_BxSxD = Block(self.hidden_size, self.num_heads, self.expansion, self.mlp_t, self.num_positions,
-                      self.rms_norm_eps, self.kernels, self.remat_attention,
+                      self.rms_norm_eps, self.kernels, self.remat_attention, self.kernel_params,
                       name=f"layers_{i}")(h_BxSxD, cos_SxK, sin_SxK)
     if self.mlp_t:
       h_BxSxD = jnp.swapaxes(h_BxSxD, 0, 1)
