@@ -22,6 +22,7 @@ import ml_collections
 
 from data_prep import common as data_common
 from trm_jax import act
+from trm_jax import curriculum
 from trm_jax import data as data_lib
 from trm_jax import datasets
 from trm_jax import init_weights as init_weights_lib
@@ -89,6 +90,8 @@ class Run:
   total_steps: int
   total_iters: int
   eval_batch_size: int
+  # config.depth_schedule's stages (None: config.model's cycles at every step).
+  depth_schedule: curriculum.Schedule | None = None
 
 
 def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
@@ -160,6 +163,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
                       f"global_batch_size={config.global_batch_size}")
   else:
     total_steps = 1
+  depth_schedule = curriculum.make_schedule(config.depth_schedule, model, total_steps)
+  curriculum.check_step_loss_decay(config.step_loss_decay)
   optimizers = optim.make_optimizers(
       lr=config.lr, weight_decay=config.weight_decay, puzzle_emb_lr=config.puzzle_emb_lr,
       puzzle_emb_weight_decay=config.puzzle_emb_weight_decay, beta1=config.beta1, beta2=config.beta2,
@@ -168,7 +173,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
       trainable_mask=state_lib.trainable_mask)
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
              test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
-             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size)
+             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size,
+             depth_schedule=depth_schedule)
 
 
 # ---------------------------------------------------------------------------
