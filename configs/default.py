@@ -76,6 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.freeze_weights = False  # train only the puzzle embedding
   c.init_weights = ""  # weights to start from: the original's torch.save checkpoint or an --mode=export .npz
 
+  # --- Depth curriculum (trm_jax.curriculum; not in the original, off by default).
+  # "HxL@fraction,...": train with H_cycles x L_cycles from that fraction of total_steps on, e.g.
+  # "1x2@0,2x4@0.3,3x6@0.6" ("": model.H_cycles x model.L_cycles throughout; evaluation always uses them).
+  c.depth_schedule = ""
+  c.step_loss_decay = 1.0  # a sample's loss at supervision step t weighs decay^(t-1) (1.0: all equal, as the original)
+
   # --- Model (SPEC §1–§4; names as the original's arch config).
   m = c.model = ml_collections.ConfigDict()
   # The model (trm_jax.models): "trm", "trm_singlez", "trm_hier6", "hrm" or

@@ -80,12 +80,17 @@ def is_implementation_key(key: str) -> bool:
   return key in IMPLEMENTATION_KEYS or key.startswith(IMPLEMENTATION_PREFIXES)
 
 
+# Training keys outside ``model`` that change what the steps compute: checked on
+# resume as the model keys are (a resume with another curriculum is not exact).
+TRAINING_KEYS = ("depth_schedule", "step_loss_decay")
+
+
 def check_resume(saved_meta: dict[str, Any], config: dict[str, Any], dataset: dict[str, int], where: str) -> None:
   """Raises unless a training run may continue from a checkpoint with this config and dataset.
 
   The dataset must make the same shapes (a different ``num_puzzle_identifiers``
   would otherwise be padded or cut silently), and no model setting may
-  differ (``H_cycles``, ``halt_max_steps``, ...) unless it is named in
+  differ (``H_cycles``, ``halt_max_steps``, ...), nor a ``TRAINING_KEYS`` one, unless it is named in
   ``config.resume_allow_changes``: continuing a run with another recursion
   depth is almost always a mistake, so it is refused rather than warned about.
   """
@@ -99,7 +104,8 @@ def check_resume(saved_meta: dict[str, Any], config: dict[str, Any], dataset: di
   saved, current = _flat(saved_meta.get("config", {})), _flat(config)
   allowed = {k.strip() for k in str(current.get("resume_allow_changes") or "").split(",") if k.strip()}
   allowed |= {k.removeprefix("model.") for k in allowed}
-  changed = [k for k in current if k.startswith("model.") and k in saved and k not in STRUCTURAL_KEYS
+  changed = [k for k in current if (k.startswith("model.") or k in TRAINING_KEYS) and k in saved
+             and k not in STRUCTURAL_KEYS
              and not is_implementation_key(k) and saved[k] != current[k]
              and k not in allowed and k.removeprefix("model.") not in allowed]
   if changed:

@@ -64,7 +64,7 @@ def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> j
 
 
 def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_BxE: jax.Array | None,
-             carry: act.Carry, *, train: bool, rng: jax.Array | None = None
+             carry: act.Carry, *, train: bool, rng: jax.Array | None = None, step_loss_decay: float = 1.0
              ) -> tuple[jax.Array, tuple[act.Carry, dict[str, jax.Array], dict[str, jax.Array]]]:
   """The ACT loss head on a reset carry: ``loss, (new_carry, metrics, outputs)``.
 
@@ -74,6 +74,13 @@ def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_
   ``accuracy``, ``exact_accuracy``, ``q_halt_accuracy``, ``steps``, plus the
   summed ``lm_loss``, ``q_halt_loss`` (and ``q_continue_loss``). ``outputs``
   adds ``preds [B, S]`` to the forward's outputs.
+
+  ``step_loss_decay`` (not in the original; 1.0, the default, leaves the loss
+  as the original's): a row at its supervision step ``t`` (1 for a new
+  sample) weighs ``step_loss_decay ** (t - 1)`` in ``loss``, all its terms
+  together (CGAR's supervision weighting, arXiv 2511.08653). The weights are
+  not normalised: the optimisers (AdamATan2, SignSGD) ignore a constant scale
+  of the gradient. The metrics stay unweighted.
   """
   new_carry, outputs = act.act_forward(config, params, puzzle_rows_BxE, carry, train=train, rng=rng)
   labels_BxS = new_carry.current_data["labels"]
@@ -87,15 +94,22 @@ def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_
   seq_correct_B = correct_BxS.sum(-1) == counts_B
 
   ce_BxS = CROSS_ENTROPIES[config.loss_type](logits_BxSxV, labels_BxS)
-  lm_loss = jnp.sum(ce_BxS.sum(-1) / divisor_B)
-  q_halt_loss = jnp.sum(binary_cross_entropy_with_logits(outputs["q_halt_logits"], seq_correct_B))
+  lm_loss_B = ce_BxS.sum(-1) / divisor_B
+  q_halt_loss_B = binary_cross_entropy_with_logits(outputs["q_halt_logits"], seq_correct_B)
+  lm_loss = jnp.sum(lm_loss_B)
+  q_halt_loss = jnp.sum(q_halt_loss_B)
   loss = lm_loss + 0.5 * q_halt_loss
+  row_loss_B = lm_loss_B + 0.5 * q_halt_loss_B
   metrics = {"lm_loss": lm_loss, "q_halt_loss": q_halt_loss}
   if "target_q_continue" in outputs:
-    q_continue_loss = jnp.sum(binary_cross_entropy_with_logits(outputs["q_continue_logits"],
-                                                               outputs["target_q_continue"]))
+    q_continue_loss_B = binary_cross_entropy_with_logits(outputs["q_continue_logits"], outputs["target_q_continue"])
+    q_continue_loss = jnp.sum(q_continue_loss_B)
     loss = loss + 0.5 * q_continue_loss
+    row_loss_B = row_loss_B + 0.5 * q_continue_loss_B
     metrics["q_continue_loss"] = q_continue_loss
+  if step_loss_decay != 1.0:
+    weight_B = jnp.asarray(step_loss_decay, loss_dtype()) ** (new_carry.steps - 1).astype(loss_dtype())
+    loss = jnp.sum(weight_B * row_loss_B)
 
   valid_B = new_carry.halted & (counts_B > 0)
   q_halt_B = jax.lax.stop_gradient(outputs["q_halt_logits"])

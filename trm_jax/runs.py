@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from trm_jax import dataset_format
 from trm_jax import act
+from trm_jax import curriculum
 from trm_jax import data as data_lib
+from trm_jax import dataset_format
 from trm_jax import datasets
 from trm_jax import init_weights as init_weights_lib
 from trm_jax import models
@@ -93,6 +94,8 @@ class Run:
   eval_batch_size: int
   train_dirs: tuple[pathlib.Path, ...] = ()  # config.data_path: one directory or several trained as one
   test_dirs: tuple[pathlib.Path, ...] = ()  # config.test_data_path, else train_dirs
+  # config.depth_schedule's stages (None: config.model's cycles at every step).
+  depth_schedule: curriculum.Schedule | None = None
 
 
 def model_config(config: ml_collections.ConfigDict, metadata: dataset_format.DatasetMetadata) -> models.ModelConfig:
@@ -188,6 +191,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
                       f"global_batch_size={config.global_batch_size}")
   else:
     total_steps = 1
+  depth_schedule = curriculum.make_schedule(config.depth_schedule, model, total_steps)
+  curriculum.check_step_loss_decay(config.step_loss_decay)
   optimizers = optim.make_optimizers(
       lr=config.lr, weight_decay=config.weight_decay, puzzle_emb_lr=config.puzzle_emb_lr,
       puzzle_emb_weight_decay=config.puzzle_emb_weight_decay, beta1=config.beta1, beta2=config.beta2,
@@ -197,7 +202,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
              test_info=test_info, task=task, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
              total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size,
-             train_dirs=tuple(train_dirs), test_dirs=tuple(test_dirs))
+             train_dirs=tuple(train_dirs), test_dirs=tuple(test_dirs), depth_schedule=depth_schedule)
 
 
 # ---------------------------------------------------------------------------

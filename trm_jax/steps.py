@@ -28,8 +28,10 @@ LOSS_METRICS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
 def loss_and_grads(model: models.ModelConfig, params: Any, puzzle_emb_NxE: jax.Array, carry: act.Carry,
-                   batch: Mapping[str, jax.Array], rng: jax.Array, global_batch_size: int):
-  """Reset, forward, and the gradients of ``loss / global_batch_size``.
+                   batch: Mapping[str, jax.Array], rng: jax.Array, global_batch_size: int,
+                   step_loss_decay: float = 1.0):
+  """Reset, forward, and the gradients of ``loss / global_batch_size``
+  (``step_loss_decay``: see ``losses.act_loss``; 1.0 is the original's loss).
 
   Returns ``(new_carry, metrics, grads, (ids_B, row_grads_BxE))``: gradients
   w.r.t. the dense parameters and w.r.t. the gathered puzzle-embedding rows,
@@ -39,7 +41,7 @@ def loss_and_grads(model: models.ModelConfig, params: Any, puzzle_emb_NxE: jax.A
   rows_BxE = losses.gather_puzzle_rows(model, puzzle_emb_NxE, carry)
 
   def scaled_loss(p, rows):
-    loss, aux = losses.act_loss(model, p, rows, carry, train=True, rng=rng)
+    loss, aux = losses.act_loss(model, p, rows, carry, train=True, rng=rng, step_loss_decay=step_loss_decay)
     return loss / global_batch_size, aux
 
   (_, (new_carry, metrics, _)), (grads, row_grads_BxE) = jax.value_and_grad(
@@ -50,11 +52,12 @@ def loss_and_grads(model: models.ModelConfig, params: Any, puzzle_emb_NxE: jax.A
 
 def train_step(state: TrainState, carry: act.Carry, batch: Mapping[str, jax.Array], *,
                model: models.ModelConfig, optimizers: optim.Optimizers, global_batch_size: int,
-               ema_rate: float | None) -> tuple[TrainState, act.Carry, dict[str, jax.Array]]:
+               ema_rate: float | None, step_loss_decay: float = 1.0
+               ) -> tuple[TrainState, act.Carry, dict[str, jax.Array]]:
   """One ACT call and one update of both parameter groups (and the EMA)."""
   rng = jax.random.fold_in(state.rng, state.step)
   new_carry, metrics, grads, (ids_B, row_grads_BxE) = loss_and_grads(
-      model, state.params, state.puzzle_emb, carry, batch, rng, global_batch_size)
+      model, state.params, state.puzzle_emb, carry, batch, rng, global_batch_size, step_loss_decay)
   update_index = state.step + 1  # the schedules count updates from 1
   updates, opt_state = optimizers.dense.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -71,10 +74,10 @@ def train_step(state: TrainState, carry: act.Carry, batch: Mapping[str, jax.Arra
 
 
 def make_train_step(model: models.ModelConfig, optimizers: optim.Optimizers, global_batch_size: int,
-                    ema_rate: float | None):
+                    ema_rate: float | None, step_loss_decay: float = 1.0):
   """``train_step`` with its static settings bound (not jitted)."""
   return functools.partial(train_step, model=model, optimizers=optimizers,
-                           global_batch_size=global_batch_size, ema_rate=ema_rate)
+                           global_batch_size=global_batch_size, ema_rate=ema_rate, step_loss_decay=step_loss_decay)
 
 
 def train_metrics_to_host(raw: Mapping[str, Any], global_batch_size: int) -> dict[str, float]:

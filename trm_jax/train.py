@@ -15,6 +15,10 @@ raises) saves first, so no training is lost; a checkpoint saved before its
 evaluation failed is evaluated first on resume. The run holds a lock on its
 directory (``trm_jax.workdir``) and restores only intact checkpoints
 (``trm_jax.integrity``).
+
+A depth curriculum (``config.depth_schedule``, ``trm_jax.curriculum``) picks
+the step function by the step index: one jitted step per stage, compiled when
+the stage starts (or the run resumes in it).
 """
 
 from __future__ import annotations
@@ -140,12 +144,25 @@ def _train(run: runs.Run) -> dict[str, Any]:
       state = runs.load_initial_weights(run, layout, state)
 
   batch_sh = sharding.batch_sharding(run.mesh)
-  train_step = jax.jit(
-      steps.make_train_step(run.model, run.optimizers, config.global_batch_size,
-                            config.ema_rate if config.ema else None),
-      in_shardings=(layout.state_shardings, layout.carry_shardings, batch_sh),
-      out_shardings=(layout.state_shardings, layout.carry_shardings, sharding.replicated(run.mesh)),
-      donate_argnums=(0, 1))
+  train_steps: dict[tuple[int, int], Any] = {}  # one jitted step per (H_cycles, L_cycles), built when first needed
+
+  def train_step_at(step: int):
+    """The jitted step of the depth stage in force at ``step`` (``config.model``'s without a schedule)."""
+    model = run.model if run.depth_schedule is None else run.depth_schedule.stage(step).model
+    key = (model.H_cycles, model.L_cycles)
+    if key not in train_steps:
+      if run.depth_schedule is not None and is_main:
+        index = run.depth_schedule.stage_index(step)
+        monitor.print(f"depth stage {index + 1}/{len(run.depth_schedule.stages)} at step {step}: "
+                      f"H_cycles={key[0]}, L_cycles={key[1]}")
+      train_steps[key] = jax.jit(
+          steps.make_train_step(model, run.optimizers, config.global_batch_size,
+                                config.ema_rate if config.ema else None, step_loss_decay=config.step_loss_decay),
+          in_shardings=(layout.state_shardings, layout.carry_shardings, batch_sh),
+          out_shardings=(layout.state_shardings, layout.carry_shardings, sharding.replicated(run.mesh)),
+          donate_argnums=(0, 1))
+    return train_steps[key]
+
   eval_fn = evaluation.make_eval_fn(run, layout)
   step = int(jax.device_get(state.step))
   stop_at = run.total_steps if not config.max_steps else min(run.total_steps, config.max_steps)
@@ -242,8 +259,8 @@ def _train(run: runs.Run) -> dict[str, Any]:
           save_before_raising()
           raise
         pass_done = train_iter.batch_index == 0
-        state, carry, metrics = train_step(state, carry,
-                                           sharding.global_batch(local, run.mesh, config.global_batch_size))
+        state, carry, metrics = train_step_at(step)(
+            state, carry, sharding.global_batch(local, run.mesh, config.global_batch_size))
         step += 1
         window.append(metrics)
         if len(window) >= config.log_every_steps:

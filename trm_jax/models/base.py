@@ -324,6 +324,8 @@ class Architecture:
   the second forward for the Q-continue target and its loss (SPEC §4, §11).
   ``paper_settings``: the model fields its ``config/arch/<name>.yaml`` sets
   differently from TRM's (the task configs apply them with ``:<name>``).
+  ``has_cycles``: its step reads ``H_cycles``/``L_cycles`` (what a depth
+  curriculum, ``trm_jax.curriculum``, changes).
   """
   name: str
   config_class: type
@@ -334,6 +336,7 @@ class Architecture:
   halt_on_q_continue: Callable[[Any], bool]
   q_continue_target: Callable[[Any], bool]
   paper_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  has_cycles: bool = True
 
   def network(self, config: ModelConfig) -> Network:
     return Network(config, tuple((name, getattr(config, field)) for name, field in self.levels),

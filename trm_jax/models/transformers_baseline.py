@@ -53,4 +53,4 @@ ARCHITECTURE = base.Architecture(
     levels=(("H_level", "H_layers"),),
     recursion=recursion, block_calls=block_calls,
     halt_on_q_continue=base.always, q_continue_target=base.never,
-    paper_settings=dict(H_layers=8, num_heads=12, H_cycles=1))
+    paper_settings=dict(H_layers=8, num_heads=12, H_cycles=1), has_cycles=False)
