@@ -29,6 +29,7 @@ from trm_jax import models
 from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
+from trm_jax import test_time
 from trm_jax import workdir as workdir_lib
 from trm_jax.errors import UserError
 
@@ -89,6 +90,7 @@ class Run:
   total_steps: int
   total_iters: int
   eval_batch_size: int
+  eval_options: test_time.EvalOptions = test_time.EvalOptions()
 
 
 def model_config(config: ml_collections.ConfigDict, metadata: data_common.DatasetMetadata) -> models.ModelConfig:
@@ -142,6 +144,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
     if (a.seq_len, a.vocab_size, a.num_puzzle_identifiers) != (b.seq_len, b.vocab_size, b.num_puzzle_identifiers):
       raise UserError(f"dataset {data_path}: train and test disagree on seq_len/vocab_size/num_puzzle_identifiers")
   model = model_config(config, metadata)
+  eval_options = test_time.options_from_config(config, model)
   try:
     mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
     sharding.check_global_batch_size(config.global_batch_size, mesh)
@@ -168,7 +171,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
       trainable_mask=state_lib.trainable_mask)
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
              test_info=test_info, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
-             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size)
+             total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size,
+             eval_options=eval_options)
 
 
 # ---------------------------------------------------------------------------
