@@ -159,18 +159,23 @@ def trajectory_keys(seed: int, inputs_BxS: jax.Array, puzzle_ids_B: jax.Array, k
 
 def add_noise(latents: Mapping[str, jax.Array], keys_R: jax.Array, step: jax.Array, sigma: float,
               names: tuple[str, ...], order: tuple[str, ...]) -> dict[str, jax.Array]:
-  """``z + sigma * N(0, 1)`` for each latent in ``names``; row r's noise comes from ``keys_R[r]``,
-  the step and the latent's index in ``order`` (the architecture's latents)."""
+  """``z + sigma * N(0, 1)`` for each latent in ``names``.
+
+  Row r's noise is one draw from ``keys_R[r]`` and the step for all of the
+  architecture's latents (``order``, which all have one shape), of which
+  each named latent takes its own: one random call per step, however many
+  latents there are.
+  """
+  first = latents[order[0]]
+  work = jnp.promote_types(first.dtype, jnp.float32)
+
+  def row_noise(key):
+    return jax.random.normal(jax.random.fold_in(key, step), (len(order),) + first.shape[1:], work)
+  noise_RxLx = jax.vmap(row_noise)(keys_R)
   out = dict(latents)
   for name in names:
     z = latents[name]
-    index = order.index(name)
-    work = jnp.promote_types(z.dtype, jnp.float32)
-
-    def row_noise(key, index=index, z=z, work=work):
-      key = jax.random.fold_in(jax.random.fold_in(key, step), index)
-      return jax.random.normal(key, z.shape[1:], work)
-    out[name] = (z.astype(work) + sigma * jax.vmap(row_noise)(keys_R)).astype(z.dtype)
+    out[name] = (z.astype(work) + sigma * noise_RxLx[:, order.index(name)]).astype(z.dtype)
   return out
 
 
@@ -211,6 +216,8 @@ def run_trajectories(params: Any, puzzle_emb_NxE: jax.Array, batch: Mapping[str,
       stop = stop | ((q_halt > q_continue) if arch.halt_on_q_continue(model) else (q_halt > 0))
     return latents, out, stop
 
+  # The first step outside the loop, as the original's program has one step outside its scan: with K = 1,
+  # no noise and no halting, this rounds exactly as the original (a first step inside the loop does not).
   latents, kept, done = call(carry.latents, jnp.int32(0))
   used = jnp.ones(done.shape, jnp.int32)
 
@@ -241,19 +248,24 @@ def eval_step(params: Any, puzzle_emb_NxE: jax.Array, batch: Mapping[str, jax.Ar
   input: the raw metric sums (plus ``compute_steps``) and ``preds [B, S]``,
   ``q_halt_logits [B]``.
   """
-  k = options.trajectories
-  b = batch["inputs"].shape[0]
   kept, used, calls = run_trajectories(params, puzzle_emb_NxE, batch, model=model, options=options,
                                        batch_sharding=batch_sharding)
+  return report(model, options.trajectories, kept, used, calls, batch["labels"])
+
+
+def report(model: models.ModelConfig, k: int, kept: Mapping[str, jax.Array], used_R: jax.Array, calls: jax.Array,
+           labels_BxS: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Per input, the answer of its most confident trajectory, scored as the original's last call."""
+  b = labels_BxS.shape[0]
   if k > 1:
-    # Per input, the trajectory whose Q head is most confident (the first on ties).
+    # The trajectory with the largest q_halt logit (the first on ties).
     best_B = jnp.argmax(kept["q_halt_logits"].reshape(b, k), axis=1)
 
     def choose(x):
       x = x.reshape((b, k) + x.shape[1:])
       return jnp.take_along_axis(x, best_B.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
-    kept, used = jax.tree.map(choose, kept), choose(used)
-  _, metrics, preds_BxS = losses.loss_and_metrics(model, kept, batch["labels"], jnp.ones((b,), bool), used)
-  valid_B = (batch["labels"] != losses.IGNORE_LABEL).sum(-1) > 0
+    kept, used_R = jax.tree.map(choose, dict(kept)), choose(used_R)
+  _, metrics, preds_BxS = losses.loss_and_metrics(model, kept, labels_BxS, jnp.ones((b,), bool), used_R)
+  valid_B = (labels_BxS != losses.IGNORE_LABEL).sum(-1) > 0
   metrics["compute_steps"] = jnp.where(valid_B, calls * k, 0).sum(dtype=jnp.int32)
   return metrics, {"preds": preds_BxS, "q_halt_logits": kept["q_halt_logits"]}
