@@ -182,7 +182,7 @@ def test_noise_depends_on_seed_input_trajectory_step_and_latent_only():
 
 
 @pytest.mark.parametrize("arch", ["hrm", "trm_singlez"])
-def test_every_architecture(arch):
+def test_other_architectures(arch):
   """Trajectories, noise and halting go through the seam (no architecture is named outside its module): hrm
   (two networks, halting on q_halt > q_continue) and trm_singlez (one latent) run them as trm above."""
   model = models.config_from_dict(dict(
