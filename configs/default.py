@@ -169,6 +169,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.batch_size = 0  # global batch of the test-time training steps (0: the run's global_batch_size)
   t.time_budget_s = 39600.0  # whole predict in seconds (11 h of Kaggle's 12): stops training in time to vote (0: none)
 
+  # --- Evaluation beyond the original (trm_jax.test_time; issue #12). All off by default (the original's
+  # evaluation); none is structural, so --mode=eval applies them to any checkpoint with --config.<key>=...
+  c.eval_trajectories = 1  # K trajectories per test input (a batch axis); reports the one with the largest q_halt
+  c.eval_noise_sigma = 0.0  # std of Gaussian noise on the latents before each supervision step (PTRM, arXiv 2605.19943)
+  c.eval_noise_latents = ""  # comma-separated latents that get the noise (e.g. "z_L"); "": all of the architecture's
+  c.eval_noise_seed = 0  # seed of the noise (folded with each input's content, trajectory, step and latent)
+  c.eval_halt = False  # a row stops when its Q head says halt (answer frozen), the batch once all have
+  c.eval_halt_max_steps = 0  # supervision steps at most in evaluation (0: model.halt_max_steps; may exceed it)
+
   # --- Checkpoints (Orbax, in <workdir>/checkpoints and <workdir>/best).
   c.keep_checkpoints = 2  # latest checkpoints kept
   c.keep_best = True  # also keep the best checkpoint by best_metric

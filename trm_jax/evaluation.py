@@ -2,9 +2,10 @@
 
 Used by the training loop after each pass and by ``--mode=eval``/``predict``
 (``trm_jax.inference``). Every test batch goes through ``halt_max_steps``
-calls (SPEC §9); per-set metrics and the configured evaluators' results come
-back as one flat dict, written to ``results.json`` beside the evaluators'
-files.
+calls (SPEC §9), or as the run's evaluation options say (trajectories,
+halting: ``trm_jax.test_time``); per-set metrics and the configured
+evaluators' results come back as one flat dict, written to ``results.json``
+beside the evaluators' files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from trm_jax import monitor as monitor_lib
 from trm_jax import runs
 from trm_jax import sharding
 from trm_jax import steps
+from trm_jax import test_time
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -76,9 +78,11 @@ def run_evaluation(run: runs.Run, eval_fn, params: Any, puzzle_emb: jax.Array, e
 
 
 def make_eval_fn(run: runs.Run, layout: runs.Layout):
+  """The jitted ``(params, puzzle_emb, batch) -> (metrics, outputs)`` of the run's evaluation options."""
   batch_sh = sharding.batch_sharding(run.mesh)
   params_sh = layout.state_shardings.params
-  return jax.jit(lambda p, t, b: steps.eval_step(p, t, b, model=run.model),
+  eval_step = test_time.make_eval_step(run.model, run.eval_options, batch_sharding=batch_sh)
+  return jax.jit(eval_step,
                  in_shardings=(params_sh, layout.state_shardings.puzzle_emb, batch_sh),
                  out_shardings=(sharding.replicated(run.mesh), batch_sh))
 

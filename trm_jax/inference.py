@@ -70,7 +70,8 @@ def restore_for_inference(run: runs.Run, layout: runs.Layout, checkpoint: str | 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                         checkpoint: str | int = "latest") -> dict[str, float]:
-  """Evaluates a saved checkpoint on the test split; writes ``eval/ckpt_<step>/results.json``."""
+  """Evaluates a saved checkpoint on the test split; writes ``eval/ckpt_<step>[_<options>]/results.json``
+  (``<options>``: ``config.eval_*`` settings other than the original's, see ``trm_jax.test_time``)."""
   run = runs.setup(config, workdir, need_train=False)
   layout = runs.make_layout(run)
   params, table, step = restore_for_inference(run, layout, checkpoint)
@@ -80,7 +81,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     raise UserError(str(e)) from None
   monitor = monitor_lib.Monitor(run.workdir, total_steps=step, enabled=jax.process_index() == 0,
                                 tensorboard=False)
-  out_dir = run.workdir / "eval" / f"ckpt_{step}"
+  # Evaluations of one checkpoint with other test-time options go to their own directories.
+  tag = run.eval_options.tag
+  out_dir = run.workdir / "eval" / (f"ckpt_{step}_{tag}" if tag else f"ckpt_{step}")
   results = evaluation.run_evaluation(run, evaluation.make_eval_fn(run, layout), params, table, evaluators, step=step,
                            monitor=monitor, output_dir=out_dir)
   evaluation.write_results(out_dir, results)

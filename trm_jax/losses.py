@@ -83,7 +83,22 @@ def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_
   of the gradient. The metrics stay unweighted.
   """
   new_carry, outputs = act.act_forward(config, params, puzzle_rows_BxE, carry, train=train, rng=rng)
-  labels_BxS = new_carry.current_data["labels"]
+  loss, metrics, preds_BxS = loss_and_metrics(config, outputs, new_carry.current_data["labels"], new_carry.halted,
+                                              new_carry.steps, step_loss_decay=step_loss_decay)
+  outputs = {**outputs, "preds": preds_BxS}
+  return loss, (new_carry, metrics, outputs)
+
+
+def loss_and_metrics(config: models.ModelConfig, outputs: Mapping[str, jax.Array], labels_BxS: jax.Array,
+                     halted_B: jax.Array, steps_B: jax.Array, *, step_loss_decay: float = 1.0
+                     ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """The loss head on one call's outputs: ``(loss, metrics, preds [B, S])``, as ``act_loss``.
+
+  ``outputs``: ``logits``, ``q_halt_logits``, ``q_continue_logits`` (and
+  ``target_q_continue`` when that loss is learned); the metrics count the
+  rows of ``halted_B`` that have a label. Also used on the answers an
+  evaluation with test-time options keeps (``trm_jax.test_time``).
+  """
   logits_BxSxV = outputs["logits"]
 
   mask_BxS = labels_BxS != IGNORE_LABEL
@@ -108,10 +123,10 @@ def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_
     row_loss_B = row_loss_B + 0.5 * q_continue_loss_B
     metrics["q_continue_loss"] = q_continue_loss
   if step_loss_decay != 1.0:
-    weight_B = jnp.asarray(step_loss_decay, loss_dtype()) ** (new_carry.steps - 1).astype(loss_dtype())
+    weight_B = jnp.asarray(step_loss_decay, loss_dtype()) ** (steps_B - 1).astype(loss_dtype())
     loss = jnp.sum(weight_B * row_loss_B)
 
-  valid_B = new_carry.halted & (counts_B > 0)
+  valid_B = halted_B & (counts_B > 0)
   q_halt_B = jax.lax.stop_gradient(outputs["q_halt_logits"])
   metrics.update({
       "count": valid_B.sum(dtype=jnp.int32),
@@ -119,11 +134,10 @@ def act_loss(config: models.ModelConfig, params: Mapping[str, Any], puzzle_rows_
                                     jnp.maximum(counts_B, 1).astype(jnp.float32), 0.0)),
       "exact_accuracy": (valid_B & seq_correct_B).sum(dtype=jnp.int32),
       "q_halt_accuracy": (valid_B & ((q_halt_B >= 0) == seq_correct_B)).sum(dtype=jnp.int32),
-      "steps": jnp.where(valid_B, new_carry.steps, 0).sum(dtype=jnp.int32),
+      "steps": jnp.where(valid_B, steps_B, 0).sum(dtype=jnp.int32),
   })
   metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
-  outputs = {**outputs, "preds": preds_BxS}
-  return loss, (new_carry, metrics, outputs)
+  return loss, metrics, preds_BxS
 
 
 def gather_puzzle_rows(config: models.ModelConfig, puzzle_emb_NxE: jax.Array, carry: act.Carry) -> jax.Array | None:

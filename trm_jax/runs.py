@@ -31,6 +31,7 @@ from trm_jax import optim
 from trm_jax import sharding
 from trm_jax import state as state_lib
 from trm_jax import tasks
+from trm_jax import test_time
 from trm_jax import workdir as workdir_lib
 from trm_jax.errors import UserError
 
@@ -96,6 +97,7 @@ class Run:
   test_dirs: tuple[pathlib.Path, ...] = ()  # config.test_data_path, else train_dirs
   # config.depth_schedule's stages (None: config.model's cycles at every step).
   depth_schedule: curriculum.Schedule | None = None
+  eval_options: test_time.EvalOptions = test_time.EvalOptions()
 
 
 def model_config(config: ml_collections.ConfigDict, metadata: dataset_format.DatasetMetadata) -> models.ModelConfig:
@@ -173,6 +175,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
                     f"{len(test_dirs)} directories: evaluate each with --mode=eval and its own "
                     "--config.test_data_path")
   model = model_config(config, metadata)
+  eval_options = test_time.options_from_config(config, model)
   try:
     mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
     sharding.check_global_batch_size(config.global_batch_size, mesh)
@@ -202,7 +205,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
   return Run(config=config, workdir=pathlib.Path(workdir), data_path=data_path, train_info=train_info,
              test_info=test_info, task=task, model=model, mesh=mesh, optimizers=optimizers, total_steps=total_steps,
              total_iters=config.epochs // config.eval_interval, eval_batch_size=eval_batch_size,
-             train_dirs=tuple(train_dirs), test_dirs=tuple(test_dirs), depth_schedule=depth_schedule)
+             train_dirs=tuple(train_dirs), test_dirs=tuple(test_dirs), depth_schedule=depth_schedule,
+             eval_options=eval_options)
 
 
 # ---------------------------------------------------------------------------
