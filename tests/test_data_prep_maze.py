@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from data_prep import augment
 from data_prep import common
 from data_prep import maze
+from trm_jax.tasks import dihedral
 
 N = 30
 
@@ -186,9 +186,9 @@ def test_csv_round_trip(mazes, tmp_path):
     for t in range(8):
       row = gi * 8 + t
       np.testing.assert_array_equal(tr_in[row].reshape(N, N),
-                                    augment.dihedral_transform(inputs[i].reshape(N, N), t))
+                                    dihedral.dihedral_transform(inputs[i].reshape(N, N), t))
       np.testing.assert_array_equal(tr_lab[row].reshape(N, N),
-                                    augment.dihedral_transform(labels[i].reshape(N, N), t))
+                                    dihedral.dihedral_transform(labels[i].reshape(N, N), t))
   np.testing.assert_array_equal(te_in, inputs[8:])
   np.testing.assert_array_equal(te_lab, labels[8:])
   # Dihedral transforms keep labels valid shortest paths.
