@@ -74,11 +74,7 @@ def test_train_resume_export_round_trip(arch, data, tmp_path):
   shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(saved[-1]))
   second = train.train_and_evaluate(run_config(data, arch), tmp_path / "resumed")
   assert second["start_step"] == saved[0]
-  step_a, state_a = test_train.final_params(tmp_path / "full")
-  step_b, state_b = test_train.final_params(tmp_path / "resumed")
-  assert step_a == step_b
-  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
-  assert second["last_eval"] == full["last_eval"]
+  state_a = test_train.assert_same_run(tmp_path / "full", full, tmp_path / "resumed", second)
   # Another architecture's checkpoint is refused by name.
   other = ARCHS[(ARCHS.index(arch) + 1) % len(ARCHS)]
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="model.arch"):

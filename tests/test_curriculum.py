@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import final_params
+from test_train import assert_same_run
 from test_train import sudoku_data  # pylint: disable=unused-import  (a module fixture)
 from test_train import tiny_config
 from trm_jax import act
@@ -126,11 +126,7 @@ def test_resume_across_a_stage_boundary_is_bit_identical(curriculum_run, sudoku_
   out = capsys.readouterr().out
   assert "depth stage 1/2 at step 2: H_cycles=1, L_cycles=1" in out
   assert "depth stage 2/2 at step 3: H_cycles=2, L_cycles=1" in out
-  step_a, state_a = final_params(reference_dir)
-  step_b, state_b = final_params(tmp_path)
-  assert step_a == step_b
-  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
-  assert second["last_eval"] == summary["last_eval"]
+  assert_same_run(reference_dir, summary, tmp_path, second)
 
 
 # ---------------------------------------------------------------------------

@@ -111,6 +111,19 @@ def final_params(workdir):
   return step, restored.state
 
 
+def assert_same_run(reference_dir, reference_summary, workdir, summary):
+  """Two runs ended at the same step with bit-identical states and the same final evaluation.
+
+  Returns the (shared) final state.
+  """
+  step_a, state_a = final_params(reference_dir)
+  step_b, state_b = final_params(workdir)
+  assert step_a == step_b
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  assert summary["last_eval"] == reference_summary["last_eval"]
+  return state_a
+
+
 @pytest.fixture(scope="module")
 def full_run(sudoku_data, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
@@ -183,11 +196,7 @@ def test_resume_is_bit_identical(full_run, sudoku_data, tmp_path):
   second = train.train_and_evaluate(tiny_config(sudoku_data), tmp_path)
   assert second["start_step"] == first["end_step"]
   assert second["end_step"] == summary["end_step"]
-  step_a, state_a = final_params(reference_dir)
-  step_b, state_b = final_params(tmp_path)
-  assert step_a == step_b
-  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
-  assert second["last_eval"] == summary["last_eval"]
+  assert_same_run(reference_dir, summary, tmp_path, second)
 
 
 def test_eval_mode_on_saved_checkpoint(full_run, sudoku_data):
