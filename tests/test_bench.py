@@ -32,6 +32,9 @@ def test_bench_prints_one_json_line():
   assert abs(result["train_s_per_step"] * result["train_steps_per_s"] - 1) < 1e-9
   assert result["train_process_cpu_s_per_step"] > 0
   assert result["train_mfu"] is None  # no known peak for a CPU
+  # A run's CPU settings apply to the benchmark too (trm_jax.cpu_runtime).
+  assert result["cpu_runtime"]["inline_dispatch"] is True
+  assert result["train_minor_page_faults_per_step"] >= 0
 
 
 def test_flops_formula():

@@ -99,6 +99,14 @@ def _time(fn, n: int) -> float:
   return (time.perf_counter() - start) / n
 
 
+def _minor_faults() -> int:
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # not on Windows
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @dataclasses.dataclass
 class _Setup:
   """What both the timing and the memory search need, for one global batch."""
@@ -240,8 +248,10 @@ def find_max_batch(config, memory_limit: int, *, granularity: int = 8, log=lambd
 def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_steps: int = 2,
               seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0,
               skip_eval: bool = False, profile_dir: str = "", profile_steps: int = 2) -> dict:
-  from trm_jax import act, steps  # pylint: disable=g-import-not-at-top
+  from trm_jax import act, cpu_runtime, steps  # pylint: disable=g-import-not-at-top
 
+  # As a run does (runs.setup): a benchmark times what training runs.
+  cpu_settings = cpu_runtime.configure(config.cpu_keep_step_memory)
   setup = _setup(config, batch_per_device=batch_per_device, seq_len=seq_len, vocab_size=vocab_size,
                  num_puzzle_identifiers=num_puzzle_identifiers)
   model, mesh, global_batch = setup.model, setup.mesh, setup.global_batch
@@ -263,11 +273,12 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
     holder["state"], holder["carry"], metrics = compiled(holder["state"], holder["carry"], batch)
     return metrics
   jax.block_until_ready(one_step())  # warm-up
-  cpu0 = time.process_time()
+  cpu0, faults0 = time.process_time(), _minor_faults()
   train_time = _time(one_step, num_steps)
   # CPU seconds of this process per step: on a CPU backend shared with other
   # jobs, steadier than the wall time (which counts the time others run).
   train_cpu_time = (time.process_time() - cpu0) / num_steps
+  train_faults = (_minor_faults() - faults0) / num_steps
 
   profile = None
   if profile_dir:
@@ -291,6 +302,8 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "train_steps_per_s": 1.0 / train_time,
       "train_s_per_step": train_time,
       "train_process_cpu_s_per_step": train_cpu_time,
+      # Memory the kernel mapped in per step (4 KiB pages; see trm_jax.cpu_runtime).
+      "train_minor_page_faults_per_step": train_faults, "cpu_runtime": cpu_settings,
       "train_tokens_per_s": global_batch * seq_len / train_time,
       "train_flops_per_step": flops["train"],
       "train_mfu": (flops["train"] / train_time / (peak * mesh.size)) if peak else None,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from trm_jax import act
+from trm_jax import cpu_runtime
 from trm_jax import curriculum
 from trm_jax import data as data_lib
 from trm_jax import dataset_format
@@ -143,6 +144,7 @@ def _existing(dirs: list[pathlib.Path], key: str) -> list[pathlib.Path]:
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need_train: bool = True,
           need_test: bool = True) -> Run:
   """Validates the config against the data and the devices; builds nothing on device."""
+  cpu_runtime.configure(config.cpu_keep_step_memory)  # before the first computation where it can be
   _check_schedule(config)
   workdir = workdir_lib.check(workdir, create=False)
   try:

@@ -1,0 +1,75 @@
+"""trm_jax.cpu_runtime: a step's temporary buffer is not page-faulted in again at every call.
+
+Each case runs in a fresh interpreter: the settings are process-wide and
+must come before jax makes its CPU client.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+import shared_paths
+
+# A program whose temporary buffer (two [4096, 4096] float32 products, 64 MiB)
+# is allocated at each call: the minor page faults per call show whether that
+# memory was already mapped.
+_PROGRAM = r"""
+import json, resource, sys
+from trm_jax import cpu_runtime
+settings = cpu_runtime.configure(sys.argv[1] == "on")
+import jax, jax.numpy as jnp
+a, b = jnp.ones((4096, 16), jnp.float32), jnp.ones((16, 4096), jnp.float32)
+compiled = jax.jit(lambda a, b: jnp.dot(a, b).T.sum(0) + jnp.dot(a, b).sum(0)).lower(a, b).compile()
+temp = compiled.memory_analysis().temp_size_in_bytes
+out = compiled(a, b).block_until_ready()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  out = compiled(a, b).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 5
+print(json.dumps({"settings": settings, "temp_pages": temp / 4096, "faults_per_call": faults,
+                  "async": jax.config.values["jax_cpu_enable_async_dispatch"], "sum": float(out.sum())}))
+"""
+
+_GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _run(mode: str) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(shared_paths.REPO_ROOT), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device, as a CPU run has
+  proc = subprocess.run([sys.executable, "-c", _PROGRAM, mode], cwd=shared_paths.REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _GLIBC_LINUX, reason="the malloc settings are glibc's")
+def test_step_memory_stays_mapped_between_calls():
+  on, off = _run("on"), _run("off")
+  assert on["temp_pages"] >= 16384 and on["temp_pages"] == off["temp_pages"]  # 64 MiB, as intended
+  assert on["settings"] == {"inline_dispatch": True, "keep_freed_memory": True}
+  assert not on["async"]
+  # Without the settings every call maps its temporary buffer in again (this
+  # is what makes the test able to fail); with them, next to none of it.
+  assert off["settings"] == {"inline_dispatch": False, "keep_freed_memory": False} and off["async"]
+  assert off["faults_per_call"] > 0.75 * off["temp_pages"], off
+  assert on["faults_per_call"] < 0.25 * on["temp_pages"], on
+  assert on["sum"] == off["sum"]
+
+
+def test_configure_after_the_first_computation_changes_nothing_it_cannot():
+  code = ("import json, jax, jax.numpy as jnp\n"
+          "jnp.ones(3).block_until_ready()\n"
+          "from trm_jax import cpu_runtime\n"
+          "print(json.dumps([cpu_runtime.configure(True), jax.config.values['jax_cpu_enable_async_dispatch']]))\n")
+  env = dict(os.environ, PYTHONPATH=str(shared_paths.REPO_ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=shared_paths.REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  settings, still_async = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The CPU client already dispatches asynchronously: the malloc settings
+  # would not reach its threads' arenas, so none is applied.
+  assert settings == {"inline_dispatch": False, "keep_freed_memory": False} and still_async
