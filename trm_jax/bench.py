@@ -363,7 +363,8 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from trm_jax import errors, runs  # pylint: disable=g-import-not-at-top
+  from trm_jax import cpu_runtime, errors, runs  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure(FLAGS.config.cpu_keep_step_memory)  # before --find_max_batch's compiles
   dims = dict(seq_len=FLAGS.seq_len, vocab_size=FLAGS.vocab_size,
               num_puzzle_identifiers=FLAGS.num_puzzle_identifiers)
   run = lambda batch: benchmark(FLAGS.config, batch_per_device=batch, num_steps=FLAGS.steps,
