@@ -60,11 +60,11 @@ def _keep_freed_memory() -> bool:
 def configure(enabled: bool) -> dict[str, bool]:
   """Applies the settings above when ``enabled`` and the default backend is a CPU.
 
-  Call it before the first computation (``launch.py`` and ``trm_jax.bench``
-  do; ``train_and_evaluate`` and the other entry points call it too, where
-  it is a no-op if the process already ran something). Returns what took
-  effect: ``inline_dispatch`` (False once jax's CPU client exists with
-  asynchronous dispatch) and ``keep_freed_memory``. Idempotent.
+  Call it before the first computation: ``runs.setup`` does, so every entry
+  point of ``launch.py`` and ``train_and_evaluate`` in a fresh process, and
+  ``trm_jax.bench`` does at its start. Once jax's CPU client exists with
+  asynchronous dispatch it applies nothing. Returns what took effect:
+  ``inline_dispatch`` and ``keep_freed_memory``. Idempotent.
   """
   if not enabled:
     return {"inline_dispatch": False, "keep_freed_memory": False}
