@@ -73,3 +73,23 @@ def test_configure_after_the_first_computation_changes_nothing_it_cannot():
   # The CPU client already dispatches asynchronously: the malloc settings
   # would not reach its threads' arenas, so none is applied.
   assert settings == {"inline_dispatch": False, "keep_freed_memory": False} and still_async
+
+
+def test_a_run_applies_them_before_its_first_computation(tmp_path):
+  # runs.setup is where launch.py and train_and_evaluate apply the settings:
+  # nothing before that call in setup may start jax's backends.
+  code = ("import json, sys\n"
+          "from data_prep import sudoku\n"
+          "from trm_jax import cpu_runtime, runs\n"
+          "from trm_jax.configs import quickstart\n"
+          "sudoku.build_generated(sys.argv[1] + '/data', num_train=4, num_test=4, num_aug=1, seed=0, target_clues=50)\n"
+          "config = quickstart.get_config()\n"
+          "config.data_path = sys.argv[1] + '/data'\n"
+          "runs.setup(config, sys.argv[1] + '/run')\n"
+          "print(json.dumps(cpu_runtime.configure(True)))\n")
+  env = dict(os.environ, PYTHONPATH=str(shared_paths.REPO_ROOT), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=shared_paths.REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["inline_dispatch"] is True

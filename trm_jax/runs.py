@@ -144,7 +144,6 @@ def _existing(dirs: list[pathlib.Path], key: str) -> list[pathlib.Path]:
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need_train: bool = True,
           need_test: bool = True) -> Run:
   """Validates the config against the data and the devices; builds nothing on device."""
-  cpu_runtime.configure(config.cpu_keep_step_memory)  # before the first computation where it can be
   _check_schedule(config)
   workdir = workdir_lib.check(workdir, create=False)
   try:
@@ -178,6 +177,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, need
                     "--config.test_data_path")
   model = model_config(config, metadata)
   eval_options = test_time.options_from_config(config, model)
+  # After the checks a mistake can fail (they need no backend), before the
+  # mesh starts jax's backends: the CPU settings must precede that.
+  cpu_runtime.configure(config.cpu_keep_step_memory)
   try:
     mesh = sharding.make_mesh(sharding.MeshShape(**config.mesh.to_dict()))
     sharding.check_global_batch_size(config.global_batch_size, mesh)
