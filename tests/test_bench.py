@@ -132,6 +132,14 @@ def test_profile_says_where_the_step_time_goes(tmp_path):
   assert profile["share"]["matmul"] > 0 and profile["ops_per_step"] > 10  # a TRM step is many products
   assert 0 < len(profile["top_ops_ms_per_step"]) <= 10
   assert profile["op_ms_per_step"] >= max(profile["top_ops_ms_per_step"].values())
+  # Every op of every step, whichever thread ran it (with inline dispatch a whole
+  # step may run on the calling thread), and only ops: the same count each time.
+  counts = {profile["ops_per_step"]}
+  for i in range(2):
+    again = bench.benchmark(_tiny_config(), batch_per_device=4, num_steps=1, skip_eval=True,
+                            profile_dir=str(tmp_path / f"trace{i}"), profile_steps=2, **DIMS)
+    counts.add(again["train_profile"]["ops_per_step"])
+  assert len(counts) == 1, counts
 
 
 def test_op_kinds():

@@ -7,9 +7,11 @@ does not need), in reductions and in the other fusions (elementwise work),
 the number of ops run per step, and the ops that took the most time. The
 full trace stays in ``DIR`` for TensorBoard's profile plugin or Perfetto.
 
-On a CPU the ops are XLA's thunks on its ``tf_XLAEigen`` threads (YNNPACK
-matmuls appear as ``ynn_fusion``); on a GPU they are the kernels on the
-device's ``XLA Ops`` line. Shares are of op time, not of wall time: on a
+On a CPU the ops are XLA's thunks (YNNPACK matmuls appear as
+``ynn_fusion``), on whichever host thread ran them: the ``tf_XLAEigen``
+threads, or the calling thread, which with inline dispatch
+(``trm_jax.cpu_runtime``) may run a whole step; on a GPU they are the kernels
+on the device's ``XLA Ops`` line. Shares are of op time, not of wall time: on a
 loaded machine the milliseconds grow but the shares say the same.
 """
 
@@ -42,12 +44,21 @@ def _op_events(trace_file: pathlib.Path):
   data = ProfileData.from_file(str(trace_file))
   device_lines = [line for plane in data.planes if plane.name.startswith("/device:")
                   for line in plane.lines if line.name == "XLA Ops"]
-  lines = device_lines or [line for plane in data.planes if plane.name.startswith("/host:")
-                           for line in plane.lines if line.name.startswith("tf_XLAEigen")]
-  for line in lines:
-    for event in line.events:
-      if not _NOT_OPS.match(event.name):
-        yield event.name, event.duration_ns
+  if device_lines:
+    for line in device_lines:
+      for event in line.events:
+        if not _NOT_OPS.match(event.name):
+          yield event.name, event.duration_ns
+    return
+  # Host threads also carry Python, dispatch and thread-pool events, and the
+  # thunk executor's "end: <op>" markers: an XLA op is an event naming its HLO op.
+  for plane in data.planes:
+    if not plane.name.startswith("/host:"):
+      continue
+    for line in plane.lines:
+      for event in line.events:
+        if any(name == "hlo_op" for name, _ in event.stats):
+          yield event.name, event.duration_ns
 
 
 def summarize(trace_dir: str | pathlib.Path, steps: int, top: int = 10) -> dict[str, Any]:
