@@ -19,7 +19,7 @@ ARGS = ["--config=configs/quickstart.py", "--config.data_path=none", "--seq_len=
 
 def test_bench_prints_one_json_line():
   env = dict(os.environ, PYTHONPATH=str(shared_paths.REPO_ROOT))
-  proc = subprocess.run([sys.executable, "-m", "trm_jax.bench", *ARGS], cwd=shared_paths.REPO_ROOT, env=env,
+  proc = subprocess.run([sys.executable, "-m", "trm_jax.bench", *ARGS, "--matmul_peak"], cwd=shared_paths.REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -32,6 +32,13 @@ def test_bench_prints_one_json_line():
   assert abs(result["train_s_per_step"] * result["train_steps_per_s"] - 1) < 1e-9
   assert result["train_process_cpu_s_per_step"] > 0
   assert result["train_mfu"] is None  # no known peak for a CPU
+  # The blocked steps' spread, the FLOP rate, and the matmul ceiling that stands in for a peak.
+  assert 0 < result["train_s_per_step_min"] <= result["train_s_per_step_median"]
+  assert result["train_flops_per_s"] == pytest.approx(result["train_flops_per_step"] / result["train_s_per_step"])
+  assert result["matmul_size"] == 2048 and result["matmul_dtype"] == "float32"
+  assert result["matmul_flops_per_s"] > 0
+  assert result["train_matmul_fraction"] == pytest.approx(
+      result["train_flops_per_step"] / result["train_s_per_step_median"] / result["matmul_flops_per_s"])
   # A run's CPU settings apply to the benchmark too (trm_jax.cpu_runtime).
   assert result["cpu_runtime"]["inline_dispatch"] is True
   assert result["train_minor_page_faults_per_step"] >= 0

@@ -3,9 +3,12 @@ r"""Times the jitted train and eval steps of a config on random data.
   python -m trm_jax.bench --config=configs/arc.py [--config.key=value ...] \
       [--batch_per_device=N | --find_max_batch] [--steps=20]
 
-Compiles both steps, then times them, and prints one JSON line: steps/s,
-tokens/s, analytic FLOPs per step, model FLOP utilisation against the
-device's peak, peak device memory and compile times. The dataset is not read:
+Compiles both steps, then times them, and prints one JSON line: steps/s
+(the mean of a loop, then the min and median of as many steps each waited
+for), tokens/s, analytic FLOPs per step and the FLOP rate, model FLOP
+utilisation against the device's peak, peak device memory and compile times.
+Where no peak is known (CPUs), ``--matmul_peak`` times a large square matmul
+instead and reports the step's rate as a fraction of it. The dataset is not read:
 sequence length, vocabulary and the number of puzzle identifiers come from the
 dataset's metadata when ``data_path`` exists, else from the flags.
 
@@ -27,6 +30,7 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
@@ -97,6 +101,31 @@ def _time(fn, n: int) -> float:
     out = fn()
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / n
+
+
+def _blocked_times(fn, n: int) -> list[float]:
+  """Seconds of each of ``n`` calls, each waited for: the spread a mean hides on a shared machine."""
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_flops_per_s(dtype: str, size: int = 0, repeats: int = 5) -> dict[str, float]:
+  """The best rate of a ``size`` x ``size`` matmul in ``dtype`` on the first device.
+
+  An empirical ceiling for the step's FLOP rate where no peak is known (CPUs);
+  ``size`` 0 picks 2048 on a CPU, 8192 elsewhere.
+  """
+  device = jax.devices()[0]
+  size = size or (2048 if device.platform == "cpu" else 8192)
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  matmul = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+  jax.block_until_ready(matmul(a, a))
+  best = min(_blocked_times(lambda: matmul(a, a), repeats))
+  return {"matmul_size": size, "matmul_dtype": str(a.dtype), "matmul_flops_per_s": 2 * size**3 / best}
 
 
 def _minor_faults() -> int:
@@ -247,7 +276,8 @@ def find_max_batch(config, memory_limit: int, *, granularity: int = 8, log=lambd
 
 def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_steps: int = 2,
               seq_len: int = 0, vocab_size: int = 0, num_puzzle_identifiers: int = 0,
-              skip_eval: bool = False, profile_dir: str = "", profile_steps: int = 2) -> dict:
+              skip_eval: bool = False, profile_dir: str = "", profile_steps: int = 2,
+              matmul_peak: bool = False) -> dict:
   from trm_jax import act, cpu_runtime, steps  # pylint: disable=g-import-not-at-top
 
   # As a run does (runs.setup): a benchmark times what training runs.
@@ -279,6 +309,7 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   # jobs, steadier than the wall time (which counts the time others run).
   train_cpu_time = (time.process_time() - cpu0) / num_steps
   train_faults = (_minor_faults() - faults0) / num_steps
+  step_times = _blocked_times(one_step, num_steps)
 
   profile = None
   if profile_dir:
@@ -301,11 +332,15 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
       "H_layers": model.H_layers, "mlp_t": model.mlp_t,
       "train_steps_per_s": 1.0 / train_time,
       "train_s_per_step": train_time,
+      # The same number of steps again, each waited for on its own.
+      "train_s_per_step_min": min(step_times),
+      "train_s_per_step_median": float(np.median(step_times)),
       "train_process_cpu_s_per_step": train_cpu_time,
       # Memory the kernel mapped in per step (4 KiB pages; see trm_jax.cpu_runtime).
       "train_minor_page_faults_per_step": train_faults, "cpu_runtime": cpu_settings,
       "train_tokens_per_s": global_batch * seq_len / train_time,
       "train_flops_per_step": flops["train"],
+      "train_flops_per_s": flops["train"] / train_time,
       "train_mfu": (flops["train"] / train_time / (peak * mesh.size)) if peak else None,
       "train_flops_recomputed_per_step": flops["train_recomputed"],
       "train_hfu": ((flops["train"] + flops["train_recomputed"]) / train_time / (peak * mesh.size)) if peak else None,
@@ -313,6 +348,11 @@ def benchmark(config, *, batch_per_device: int = 0, num_steps: int = 10, eval_st
   }
   if profile is not None:
     result["train_profile"] = profile
+  if matmul_peak:
+    result.update(matmul_flops_per_s(model.forward_dtype))
+    # The median single step's rate over all devices, against one device's matmul rate each.
+    result["train_matmul_fraction"] = (flops["train"] / result["train_s_per_step_median"]
+                                       / (result["matmul_flops_per_s"] * mesh.size))
   if not skip_eval:
     state_sh = setup.state_sh
     eval_fn = jax.jit(lambda p, t, b: steps.eval_step(p, t, b, model=model),
@@ -352,6 +392,8 @@ def _define_flags():
   flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps train steps into this directory and add "
                       "where their time goes (trm_jax.step_profile) to the JSON line.")
   flags.DEFINE_integer("profile_steps", 2, "Train steps traced with --profile_dir.")
+  flags.DEFINE_bool("matmul_peak", False, "Also time a large square matmul in the forward dtype and report the "
+                    "step's FLOP rate as a fraction of it (a ceiling where no peak is known, as on CPUs).")
   flags.DEFINE_bool("find_max_batch", False,
                     "Find the largest batch_per_device whose train step fits in device memory, then time it.")
   flags.DEFINE_float("memory_limit_gb", 0.0,
@@ -369,7 +411,8 @@ def main(argv):
               num_puzzle_identifiers=FLAGS.num_puzzle_identifiers)
   run = lambda batch: benchmark(FLAGS.config, batch_per_device=batch, num_steps=FLAGS.steps,
                                 eval_steps=FLAGS.eval_steps, skip_eval=FLAGS.skip_eval,
-                                profile_dir=FLAGS.profile_dir, profile_steps=FLAGS.profile_steps, **dims)
+                                profile_dir=FLAGS.profile_dir, profile_steps=FLAGS.profile_steps,
+                                matmul_peak=FLAGS.matmul_peak, **dims)
   try:
     if not FLAGS.find_max_batch:
       result = run(FLAGS.batch_per_device)
