@@ -113,7 +113,7 @@ def _blocked_times(fn, n: int) -> list[float]:
   return times
 
 
-def matmul_flops_per_s(dtype: str, size: int = 0, repeats: int = 5) -> dict[str, float]:
+def matmul_flops_per_s(dtype: str, size: int = 0, repeats: int = 5) -> dict[str, Any]:
   """The best rate of a ``size`` x ``size`` matmul in ``dtype`` on the first device.
 
   An empirical ceiling for the step's FLOP rate where no peak is known (CPUs);
