@@ -45,20 +45,16 @@ def _op_events(trace_file: pathlib.Path):
   device_lines = [line for plane in data.planes if plane.name.startswith("/device:")
                   for line in plane.lines if line.name == "XLA Ops"]
   if device_lines:
-    for line in device_lines:
-      for event in line.events:
-        if not _NOT_OPS.match(event.name):
-          yield event.name, event.duration_ns
-    return
-  # Host threads also carry Python, dispatch and thread-pool events, and the
-  # thunk executor's "end: <op>" markers: an XLA op is an event naming its HLO op.
-  for plane in data.planes:
-    if not plane.name.startswith("/host:"):
-      continue
-    for line in plane.lines:
-      for event in line.events:
-        if any(name == "hlo_op" for name, _ in event.stats):
-          yield event.name, event.duration_ns
+    lines, is_op = device_lines, lambda event: not _NOT_OPS.match(event.name)
+  else:
+    # Host threads also carry Python, dispatch and thread-pool events, and the
+    # thunk executor's "end: <op>" markers: an XLA op is an event naming its HLO op.
+    lines = [line for plane in data.planes if plane.name.startswith("/host:") for line in plane.lines]
+    is_op = lambda event: any(name == "hlo_op" for name, _ in event.stats)
+  for line in lines:
+    for event in line.events:
+      if is_op(event):
+        yield event.name, event.duration_ns
 
 
 def summarize(trace_dir: str | pathlib.Path, steps: int, top: int = 10) -> dict[str, Any]:
